@@ -1,0 +1,149 @@
+"""Fused MSE loss: the registered op `wmkernels::mse_loss`, its backward, and `mse_loss`.
+
+A drop-in for `torch.nn.functional.mse_loss` with a broadcastable `weight` and a backend choice.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backends, _validation
+from .._registry import impl
+from ..reference import mse as ref
+
+SUPPORTED = ("triton", "cuda", "cpu", "torch")
+
+
+@torch.library.custom_op("wmkernels::mse_loss", mutates_args=())
+def mse_loss_op(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    reduction: str,
+    out_dtype: torch.dtype,
+    backend: str,
+    fuse_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (loss, grad): grad is d loss / d input at grad_output = 1 when `fuse_grad`
+    (computed in the same pass), else an empty tensor."""
+    if reduction == "none":  # elementwise: nothing to fuse, the reference is one expression
+        return ref.mse_forward(input, target, weight, reduction, out_dtype), input.new_empty(0)
+    backend_impl = impl("mse", backend)
+    if fuse_grad:
+        return backend_impl.mse_forward_with_grad(input, target, weight, reduction, out_dtype)
+    return backend_impl.mse_forward(input, target, weight, reduction, out_dtype), input.new_empty(0)
+
+
+@mse_loss_op.register_fake
+def _(input, target, weight, reduction, out_dtype, backend, fuse_grad):
+    shape = input.shape if reduction == "none" else ()
+    grad = torch.empty_like(input) if fuse_grad else input.new_empty(0)
+    return input.new_empty(shape, dtype=out_dtype), grad
+
+
+@torch.library.custom_op("wmkernels::mse_loss_backward", mutates_args=())
+def mse_loss_backward_op(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    reduction: str,
+    backend: str,
+    need_input: bool,
+    need_target: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d input, d target) recomputed from the inputs; an empty tensor for one not needed."""
+    module = ref if reduction == "none" else impl("mse", backend)
+    gi, gt = module.mse_backward(grad_out, input, target, weight, reduction, need_input, need_target)
+    return (gi if gi is not None else input.new_empty(0)), (gt if gt is not None else target.new_empty(0))
+
+
+@mse_loss_backward_op.register_fake
+def _(grad_out, input, target, weight, reduction, backend, need_input, need_target):
+    return (
+        torch.empty_like(input) if need_input else input.new_empty(0),
+        torch.empty_like(target) if need_target else target.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    input, target, weight, reduction, _, backend, fuse_grad = inputs
+    loss, grad = output
+    ctx.reduction, ctx.backend, ctx.fuse_grad = reduction, backend, fuse_grad
+    ctx.save_for_backward(input, target, weight, loss, grad if fuse_grad else None)
+
+
+def _is_one(t: torch.Tensor) -> bool:
+    """Whether a CPU grad_output is exactly 1 (free to read on CPU; never asked while tracing)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and t.numel() == 1 and bool(t == 1)
+
+
+def _backward(ctx, grad_loss, _grad_fused):
+    input, target, weight, loss, fused = ctx.saved_tensors
+    need_input, need_target, need_weight = ctx.needs_input_grad[:3]
+    gi = gt = gw = None
+    if ctx.fuse_grad and (need_input or need_target):
+        g = fused if _is_one(grad_loss) else fused * grad_loss
+        gi = g if need_input else None
+        gt = (-g).to(target.dtype) if need_target else None
+    elif need_input or need_target:
+        gi, gt = mse_loss_backward_op(
+            grad_loss, input, target, weight, ctx.reduction, ctx.backend, need_input, need_target
+        )
+        gi, gt = (gi if need_input else None), (gt if need_target else None)
+    if need_weight:
+        gw = ref.mse_weight_backward(grad_loss, input, target, weight, loss, ctx.reduction)
+    return gi, gt, gw, None, None, None, None
+
+
+mse_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _result_dtype(input, target, weight) -> torch.dtype:
+    dtype = torch.promote_types(input.dtype, target.dtype)  # same shapes: equals result_type
+    if weight is not None:
+        dtype = torch.promote_types(dtype, weight.dtype)
+    # F.mse_loss runs in float32 under autocast; we read the low-precision inputs directly.
+    if torch.is_autocast_enabled(input.device.type):
+        dtype = torch.promote_types(dtype, torch.float32)
+    return dtype
+
+
+def mse_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str = "mean",
+    weight: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Mean squared error, a drop-in for `torch.nn.functional.mse_loss`.
+
+    `weight` broadcasts to `input` (a per-frame weight of shape (B, T, 1, 1, 1), or a 0/1 mask);
+    with `reduction="mean"` the weighted sum is divided by the sum of the broadcast weight, so a
+    0/1 mask gives the mean over the selected elements. Inputs of different floating dtypes follow
+    PyTorch's type promotion without converted copies; fp16/bf16/fp32 accumulate in fp32, fp64 in
+    fp64. Strided views are read in place. `backend` picks the implementation (see
+    `wmkernels.available_backends()`); `reduction="none"` is elementwise and always runs the
+    reference expression.
+
+    On the `cpu` backend the input gradient is written in the same pass as the loss (12 bytes per
+    fp32 element for forward + backward); on GPU backends the backward recomputes it from input
+    and target (20 bytes per element, no gradient buffer held between the passes).
+    """
+    _validation.check_float_tensor("input", input)
+    _validation.check_float_tensor("target", target)
+    _validation.check_same_shape("target", target, "input", input)
+    _validation.check_reduction(reduction)
+    if weight is not None:
+        _validation.check_float_tensor("weight", weight)
+        _validation.check_broadcastable("weight", weight, "input", input)
+    _validation.check_same_device(input=input, target=target, weight=weight)
+    name = _backends.resolve("mse_loss", SUPPORTED, input.device, backend)
+    grad_wanted = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
+    fuse = (
+        name == "cpu"
+        and grad_wanted
+        and reduction != "none"
+        and (input.requires_grad or target.dtype == input.dtype)
+    )
+    loss, _ = mse_loss_op(input, target, weight, reduction, _result_dtype(input, target, weight), name, fuse)
+    return loss

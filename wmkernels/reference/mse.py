@@ -1,0 +1,59 @@
+"""Reference MSE: the formula of `torch.nn.functional.mse_loss`, with a broadcast weight."""
+from __future__ import annotations
+
+import torch
+
+
+def mse_denominator(input: torch.Tensor, weight: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+    """Sum of the weight broadcast to `input` (or the element count), in `acc` precision.
+
+    Broadcasting repeats each weight element `input.numel() / weight.numel()` times, so the
+    broadcast weight is never materialized.
+    """
+    if weight is None:
+        return torch.tensor(float(input.numel()), dtype=acc, device=input.device)
+    repeat = input.numel() // max(weight.numel(), 1)
+    return weight.sum(dtype=acc) * repeat
+
+
+def mse_forward(input, target, weight, reduction: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """sum_i w_i (x_i - y_i)^2, divided by sum_i w_i (or N) for "mean"; elementwise for "none"."""
+    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    diff = input.to(acc) - target.to(acc)
+    sq = diff * diff
+    if weight is not None:
+        sq = sq * weight.to(acc)
+    if reduction == "none":
+        return sq.to(out_dtype)
+    total = sq.sum()
+    if reduction == "mean":
+        total = total / mse_denominator(input, weight, acc)
+    return total.to(out_dtype)
+
+
+def mse_backward(grad_out, input, target, weight, reduction: str, need_input: bool, need_target: bool):
+    """d loss / d input (and d target = its negative), in each tensor's own dtype."""
+    acc = torch.float64 if torch.float64 in (input.dtype, target.dtype) else torch.float32
+    g = 2.0 * (input.to(acc) - target.to(acc)) * grad_out.to(acc)
+    if weight is not None:
+        g = g * weight.to(acc)
+    if reduction == "mean":
+        g = g / mse_denominator(input, weight, acc)
+    gi = g.to(input.dtype) if need_input else None
+    gt = (-g).to(target.dtype) if need_target else None
+    return gi, gt
+
+
+def mse_weight_backward(grad_out, input, target, weight, loss, reduction: str) -> torch.Tensor:
+    """d loss / d weight, summed back to the weight's own shape.
+
+    sum: (x - y)^2.  mean: ((x - y)^2 - loss) / sum(w), since loss = sum(w sq) / sum(w).
+    none: grad_out * (x - y)^2.
+    """
+    acc = torch.float64 if torch.float64 in (input.dtype, target.dtype, weight.dtype) else torch.float32
+    diff = input.to(acc) - target.to(acc)
+    g = diff * diff
+    if reduction == "mean":
+        g = (g - loss.to(acc)) / mse_denominator(input, weight, acc)
+    g = g * grad_out.to(acc)
+    return g.sum_to_size(weight.shape).to(weight.dtype)

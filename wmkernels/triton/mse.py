@@ -1,0 +1,163 @@
+"""Triton MSE kernels: a one-pass partial-sum forward and a recomputing backward.
+
+Forward reads input and target once (plus the weight), writes one fp32/fp64 partial per program:
+8 bytes/element for fp32. Backward recomputes `2 w (x - y) g / denom` from input and target:
+reads 8, writes 4 (8 more when the target also wants its gradient) bytes/element for fp32.
+Recomputing costs the same bytes as saving the gradient in the forward pass (which would need a
+scaling pass by `grad_output`, unreadable on the host without a sync) and holds no extra memory.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._layout import padded_layout
+from ..reference.mse import mse_denominator
+from ._index import strided_offset
+
+BLOCK = 1024
+ITERS = 8
+
+
+@triton.jit
+def _mse_fwd_kernel(
+    x_ptr, y_ptr, w_ptr, partial_ptr, n,
+    s1, s2, s3, s4,
+    xs0, xs1, xs2, xs3, xs4,
+    ys0, ys1, ys2, ys3, ys4,
+    ws0, ws1, ws2, ws3, ws4,
+    HAS_W: tl.constexpr, CONTIG: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for it in range(ITERS):
+        idx = (pid * ITERS + it) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = idx < n
+        if CONTIG:
+            xo = idx
+            yo = idx
+        else:
+            xo = strided_offset(idx, s1, s2, s3, s4, xs0, xs1, xs2, xs3, xs4)
+            yo = strided_offset(idx, s1, s2, s3, s4, ys0, ys1, ys2, ys3, ys4)
+        x = tl.load(x_ptr + xo, mask=mask, other=0.0).to(ACC)
+        y = tl.load(y_ptr + yo, mask=mask, other=0.0).to(ACC)
+        d = x - y
+        sq = d * d
+        if HAS_W:
+            wo = strided_offset(idx, s1, s2, s3, s4, ws0, ws1, ws2, ws3, ws4)
+            sq = sq * tl.load(w_ptr + wo, mask=mask, other=0.0).to(ACC)
+        acc += sq
+    tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _mse_bwd_kernel(
+    x_ptr, y_ptr, w_ptr, scale_ptr, gx_ptr, gy_ptr, n,
+    s1, s2, s3, s4,
+    xs0, xs1, xs2, xs3, xs4,
+    ys0, ys1, ys2, ys3, ys4,
+    ws0, ws1, ws2, ws3, ws4,
+    gxs0, gxs1, gxs2, gxs3, gxs4,
+    gys0, gys1, gys2, gys3, gys4,
+    HAS_W: tl.constexpr, WRITE_GX: tl.constexpr, WRITE_GY: tl.constexpr, CONTIG: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = idx < n
+    if CONTIG:
+        xo = idx
+        yo = idx
+    else:
+        xo = strided_offset(idx, s1, s2, s3, s4, xs0, xs1, xs2, xs3, xs4)
+        yo = strided_offset(idx, s1, s2, s3, s4, ys0, ys1, ys2, ys3, ys4)
+    scale = tl.load(scale_ptr).to(ACC)
+    x = tl.load(x_ptr + xo, mask=mask, other=0.0).to(ACC)
+    y = tl.load(y_ptr + yo, mask=mask, other=0.0).to(ACC)
+    g = (x - y) * scale
+    if HAS_W:
+        wo = strided_offset(idx, s1, s2, s3, s4, ws0, ws1, ws2, ws3, ws4)
+        g = g * tl.load(w_ptr + wo, mask=mask, other=0.0).to(ACC)
+    if WRITE_GX:
+        if CONTIG:
+            gxo = idx
+        else:
+            gxo = strided_offset(idx, s1, s2, s3, s4, gxs0, gxs1, gxs2, gxs3, gxs4)
+        tl.store(gx_ptr + gxo, g.to(gx_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GY:
+        if CONTIG:
+            gyo = idx
+        else:
+            gyo = strided_offset(idx, s1, s2, s3, s4, gys0, gys1, gys2, gys3, gys4)
+        tl.store(gy_ptr + gyo, (-g).to(gy_ptr.dtype.element_ty), mask=mask)
+
+
+def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _tl_acc(acc: torch.dtype):
+    return tl.float64 if acc == torch.float64 else tl.float32
+
+
+def _layout(shape, reads, grads=()):
+    """Layout of `reads` and `grads` (fresh buffers shaped like `shape`) over `shape`.
+
+    When strides cannot be merged down to 5 dims, the read operands are copied contiguous and
+    the gradient buffers reallocated contiguous: correct, at the cost of one copy.
+    """
+    try:
+        return reads, grads, padded_layout(shape, [*reads, *grads])
+    except ValueError:
+        reads = [t.contiguous() for t in reads]
+        grads = [torch.empty(shape, dtype=g.dtype, device=g.device) for g in grads]
+        return reads, grads, padded_layout(shape, [*reads, *grads])
+
+
+def _is_contig(sizes, strides) -> bool:
+    return all(s[:-1] == [0] * 4 and s[-1] == 1 for s in strides) and sizes[:-1] == [1] * 4
+
+
+def mse_forward(input, target, weight, reduction: str, out_dtype: torch.dtype) -> torch.Tensor:
+    acc = _acc_dtype(input, target)
+    n = input.numel()
+    w = weight if weight is not None else input
+    (input, target, w), _, (sizes, strides) = _layout(input.shape, [input, target, w])
+    contig = _is_contig(sizes, strides[:2])
+    per_prog = BLOCK * ITERS
+    grid = (max(triton.cdiv(n, per_prog), 1),)
+    partial = torch.zeros(grid[0], dtype=acc, device=input.device)
+    _mse_fwd_kernel[grid](
+        input, target, w, partial, n, *sizes[1:], *strides[0], *strides[1], *strides[2],
+        HAS_W=weight is not None, CONTIG=contig, ACC=_tl_acc(acc), BLOCK=BLOCK, ITERS=ITERS,
+    )
+    total = partial.sum()
+    if reduction == "mean":
+        total = total / mse_denominator(input, weight, acc)
+    return total.to(out_dtype)
+
+
+def mse_backward(grad_out, input, target, weight, reduction: str, need_input: bool, need_target: bool):
+    acc = _acc_dtype(input, target)
+    n = input.numel()
+    scale = 2.0 * grad_out.to(acc)
+    if reduction == "mean":
+        scale = scale / mse_denominator(input, weight, acc)
+    w = weight if weight is not None else input
+    (input, target, w), (gx, gy), (sizes, strides) = _layout(
+        input.shape,
+        [input, target, w],
+        # a gradient not wanted is never written: its operand slot holds a placeholder
+        [torch.empty_like(input) if need_input else input, torch.empty_like(target) if need_target else target],
+    )
+    contig = _is_contig(sizes, [strides[k] for k in (0, 1, 3, 4)])
+    grid = (max(triton.cdiv(n, BLOCK), 1),)
+    if n:
+        _mse_bwd_kernel[grid](
+            input, target, w, scale, gx, gy, n, *sizes[1:],
+            *strides[0], *strides[1], *strides[2], *strides[3], *strides[4],
+            HAS_W=weight is not None, WRITE_GX=need_input, WRITE_GY=need_target, CONTIG=contig,
+            ACC=_tl_acc(acc), BLOCK=BLOCK,
+        )
+    return (gx if need_input else None), (gy if need_target else None)
