@@ -7,8 +7,8 @@ import sys
 
 from setuptools import setup
 
-CPU_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"] + [
+CPU_FLAGS = ["-O3", "-fopenmp"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"] + [
     f"-gencode=arch=compute_{a},code=sm_{a}" for a in ("80", "90")
 ]
 

@@ -161,3 +161,31 @@ def mse_backward(grad_out, input, target, weight, reduction: str, need_input: bo
             ACC=_tl_acc(acc), BLOCK=BLOCK,
         )
     return (gx if need_input else None), (gy if need_target else None)
+
+
+_TL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+_STRIDE_ARGS = [f"{p}s{d}" for p in ("x", "y", "w") for d in range(5)]
+
+
+def aot_specs() -> list[tuple]:
+    """(kernel, signature, constexprs) for every dtype pairing and flag set this module launches."""
+    pairs = [(d, d) for d in _TL_NAMES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+    specs = []
+    for xd, yd in pairs:
+        acc = torch.float64 if torch.float64 in (xd, yd) else torch.float32
+        tx, ty, ta = _TL_NAMES[xd], _TL_NAMES[yd], _TL_NAMES[acc]
+        sizes = {f"s{d}": "i64" for d in range(1, 5)}
+        for has_w in (False, True):
+            for contig in (False, True):
+                flags = {"HAS_W": has_w, "CONTIG": contig, "ACC": _tl_acc(acc)}
+                fwd_sig = {"x_ptr": f"*{tx}", "y_ptr": f"*{ty}", "w_ptr": f"*{ta}", "partial_ptr": f"*{ta}", "n": "i64",
+                           **sizes, **{a: "i64" for a in _STRIDE_ARGS}}
+                fwd_cx = {**flags, "BLOCK": BLOCK, "ITERS": ITERS}
+                specs.append((_mse_fwd_kernel, {**fwd_sig, **{k: "constexpr" for k in fwd_cx}}, fwd_cx))
+                bwd_sig = {"x_ptr": f"*{tx}", "y_ptr": f"*{ty}", "w_ptr": f"*{ta}", "scale_ptr": f"*{ta}",
+                           "gx_ptr": f"*{tx}", "gy_ptr": f"*{ty}", "n": "i64", **sizes,
+                           **{a: "i64" for a in _STRIDE_ARGS},
+                           **{f"{p}s{d}": "i64" for p in ("gx", "gy") for d in range(5)}}
+                bwd_cx = {**flags, "WRITE_GX": True, "WRITE_GY": xd == yd, "BLOCK": BLOCK}
+                specs.append((_mse_bwd_kernel, {**bwd_sig, **{k: "constexpr" for k in bwd_cx}}, bwd_cx))
+    return specs

@@ -1,0 +1,163 @@
+// Fused MSE on CUDA. Forward: one pass reading x, y (and the broadcast weight), a block-level
+// tree reduction into one partial per block (8 bytes/fp32 element read). Backward recomputes the
+// gradient from x and y (8 read + 4 written per gradient, bytes/fp32 element): as many bytes as
+// saving it in the forward and scaling it by grad_output, and no buffer held in between.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "launch.h"
+
+namespace wmkernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kItems = 8;  // elements per thread per block-tile
+constexpr int64_t kMaxBlocks = 2048;
+
+template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
+template <> __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+
+template <typename acc_t, typename T> __device__ __forceinline__ acc_t load_acc(const T* p) {
+  return static_cast<acc_t>(to_f(*p));
+}
+template <> __device__ __forceinline__ double load_acc<double, double>(const double* p) { return *p; }
+
+template <typename T, typename acc_t> __device__ __forceinline__ T from_acc(acc_t v) { return static_cast<T>(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc(double v) { return __double2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_acc(float v) { return __float2half(v); }
+template <> __device__ __forceinline__ __half from_acc(double v) { return __double2half(v); }
+
+__device__ __forceinline__ int64_t offset(const Strided5& lay, int k, int64_t idx) {
+  int64_t off = 0;
+  for (int d = kDims - 1; d >= 0; --d) {
+    const int64_t i = idx % lay.sizes[d];
+    idx /= lay.sizes[d];
+    off += i * lay.strides[k][d];
+  }
+  return off;
+}
+
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v) {
+  __shared__ acc_t warp_sums[kThreads / 32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : acc_t(0);
+  if (warp == 0) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  }
+  return v;
+}
+
+template <typename x_t, typename y_t, typename acc_t, bool HAS_W>
+__global__ void __launch_bounds__(kThreads) mse_fwd_kernel(const x_t* __restrict__ x, const y_t* __restrict__ y,
+                                                           const acc_t* __restrict__ w, Strided5 lay, int64_t n,
+                                                           acc_t* __restrict__ partial) {
+  acc_t s = 0;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += step) {
+    const int64_t xo = lay.contiguous ? i : offset(lay, 0, i);
+    const int64_t yo = lay.contiguous ? i : offset(lay, 1, i);
+    const acc_t d = load_acc<acc_t>(x + xo) - load_acc<acc_t>(y + yo);
+    const acc_t wd = HAS_W ? w[offset(lay, 2, i)] * d : d;
+    s += wd * d;
+  }
+  s = block_sum(s);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+template <typename x_t, typename y_t, typename acc_t, bool HAS_W>
+__global__ void __launch_bounds__(kThreads) mse_bwd_kernel(const x_t* __restrict__ x, const y_t* __restrict__ y,
+                                                           const acc_t* __restrict__ w, const acc_t* __restrict__ scale,
+                                                           x_t* __restrict__ gx, y_t* __restrict__ gy, Strided5 lay,
+                                                           int64_t n) {
+  const acc_t sc = *scale;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += step) {
+    const int64_t xo = lay.contiguous ? i : offset(lay, 0, i);
+    const int64_t yo = lay.contiguous ? i : offset(lay, 1, i);
+    acc_t g = (load_acc<acc_t>(x + xo) - load_acc<acc_t>(y + yo)) * sc;
+    if (HAS_W) g *= w[offset(lay, 2, i)];
+    if (gx != nullptr) gx[lay.contiguous ? i : offset(lay, 3, i)] = from_acc<x_t>(g);
+    if (gy != nullptr) gy[lay.contiguous ? i : offset(lay, 4, i)] = from_acc<y_t>(-g);
+  }
+}
+
+template <typename F>
+void dispatch_dtype(DType d, F&& f) {
+  switch (d) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kFloat64: f(double{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    case DType::kFloat16: f(__half{}); break;
+  }
+}
+
+}  // namespace
+
+int64_t mse_fwd_blocks(int64_t n) {
+  const int64_t per_block = static_cast<int64_t>(kThreads) * kItems;
+  const int64_t b = (n + per_block - 1) / per_block;
+  return b < 1 ? 1 : (b > kMaxBlocks ? kMaxBlocks : b);
+}
+
+void mse_fwd_cuda(DType xd, DType yd, const void* x, const void* y, const void* w, const Strided5& lay, int64_t n,
+                  void* partial, int64_t blocks, cudaStream_t stream) {
+  const bool wide = xd == DType::kFloat64 || yd == DType::kFloat64;
+  dispatch_dtype(xd, [&](auto xv) {
+    using x_t = decltype(xv);
+    dispatch_dtype(yd, [&](auto yv) {
+      using y_t = decltype(yv);
+      auto run = [&](auto accv) {
+        using acc_t = decltype(accv);
+        const auto* xp = static_cast<const x_t*>(x);
+        const auto* yp = static_cast<const y_t*>(y);
+        const auto* wp = static_cast<const acc_t*>(w);
+        auto* pp = static_cast<acc_t*>(partial);
+        if (w != nullptr) {
+          mse_fwd_kernel<x_t, y_t, acc_t, true><<<blocks, kThreads, 0, stream>>>(xp, yp, wp, lay, n, pp);
+        } else {
+          mse_fwd_kernel<x_t, y_t, acc_t, false><<<blocks, kThreads, 0, stream>>>(xp, yp, wp, lay, n, pp);
+        }
+      };
+      if (wide) run(double{}); else run(float{});
+    });
+  });
+}
+
+void mse_bwd_cuda(DType xd, DType yd, const void* x, const void* y, const void* w, const void* scale, void* gx,
+                  void* gy, const Strided5& lay, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  const bool wide = xd == DType::kFloat64 || yd == DType::kFloat64;
+  const int64_t per_block = static_cast<int64_t>(kThreads) * kItems;
+  int64_t blocks = (n + per_block - 1) / per_block;
+  if (blocks > 65535LL * 16) blocks = 65535LL * 16;
+  dispatch_dtype(xd, [&](auto xv) {
+    using x_t = decltype(xv);
+    dispatch_dtype(yd, [&](auto yv) {
+      using y_t = decltype(yv);
+      auto run = [&](auto accv) {
+        using acc_t = decltype(accv);
+        const auto* xp = static_cast<const x_t*>(x);
+        const auto* yp = static_cast<const y_t*>(y);
+        const auto* wp = static_cast<const acc_t*>(w);
+        const auto* sp = static_cast<const acc_t*>(scale);
+        auto* gxp = static_cast<x_t*>(gx);
+        auto* gyp = static_cast<y_t*>(gy);
+        if (w != nullptr) {
+          mse_bwd_kernel<x_t, y_t, acc_t, true><<<blocks, kThreads, 0, stream>>>(xp, yp, wp, sp, gxp, gyp, lay, n);
+        } else {
+          mse_bwd_kernel<x_t, y_t, acc_t, false><<<blocks, kThreads, 0, stream>>>(xp, yp, wp, sp, gxp, gyp, lay, n);
+        }
+      };
+      if (wide) run(double{}); else run(float{});
+    });
+  });
+}
+
+}  // namespace wmkernels

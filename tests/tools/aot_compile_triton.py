@@ -1,0 +1,66 @@
+"""Compiles every Triton kernel wmkernels ships, for each dtype and config it launches with,
+ahead of time to PTX and cubin for sm_80 and sm_90 (no GPU needed). Run without
+TRITON_INTERPRET: the interpreter accepts code that real Triton rejects.
+
+Usage: python aot_compile_triton.py MODULE [MODULE ...]; prints one line per module and fails
+on the first kernel that does not compile or spills registers.
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import importlib
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+ARCHS = (80, 90)
+
+
+def ptxas(arch: int) -> str:
+    """The ptxas Triton itself uses for `arch` (its bundled one is newer than CUDA's)."""
+    from triton.backends.nvidia import compiler
+
+    try:
+        return compiler.get_ptxas(arch).path
+    except TypeError:  # older Triton: get_ptxas() takes no argument
+        return compiler.get_ptxas().path
+
+
+def spills(ptx: str, arch: int) -> int:
+    target = re.search(r"^\.target (\S+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas(arch), f"-arch={target}", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    found = re.findall(r"(\d+) bytes spill (?:stores|loads)", out.stderr)
+    if not found:
+        raise RuntimeError(f"ptxas -v printed no spill report:\n{out.stderr}")
+    return sum(int(n) for n in found)
+
+
+def main(modules: list[str]) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET first", file=sys.stderr)
+        return 2
+    for name in modules:
+        specs = importlib.import_module(name).aot_specs()
+        for fn, sig, cx in specs:
+            for arch in ARCHS:
+                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx),
+                                          target=GPUTarget("cuda", arch, 32))
+                if "cubin" not in compiled.asm:
+                    raise RuntimeError(f"{name}.{fn.__name__} {cx}: no cubin for sm_{arch}")
+            n = spills(compiled.asm["ptx"], ARCHS[-1])
+            if n:
+                raise RuntimeError(f"{name}.{fn.__name__} {cx}: {n} bytes of register spills on sm_{ARCHS[-1]}")
+        print(f"{name}: {len(specs)} kernel configs x {len(ARCHS)} archs compiled, no spills")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
