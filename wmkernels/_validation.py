@@ -40,3 +40,40 @@ def check_broadcastable(name: str, t: torch.Tensor, ref_name: str, ref: torch.Te
 def check_reduction(reduction, allowed: tuple[str, ...] = REDUCTIONS) -> None:
     if reduction not in allowed:
         raise ValueError(f"reduction: expected one of {allowed}, got {reduction!r}")
+
+
+VIDEO_LAYOUTS = ("BCTHW", "BTCHW")
+
+
+def check_video_layout(layout) -> None:
+    if layout not in VIDEO_LAYOUTS:
+        raise ValueError(f"layout: expected one of {VIDEO_LAYOUTS}, got {layout!r}")
+
+
+def check_tubelet(tubelet) -> None:
+    ok = isinstance(tubelet, (tuple, list)) and len(tubelet) == 3
+    if not ok or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in tubelet):
+        raise ValueError(f"tubelet: expected three positive ints (t, h, w), got {tubelet!r}")
+
+
+def check_divisible(name: str, sizes, tubelet) -> None:
+    if any(s % p for s, p in zip(sizes, tubelet)):
+        raise ValueError(
+            f"{name}: (T, H, W) = {tuple(sizes)} is not divisible by the tubelet {tuple(tubelet)}"
+        )
+
+
+def check_index_tensor(name: str, t, shape: tuple[int, ...], upper: int) -> None:
+    """An int64 tensor of `shape` (None: any size) with values in [0, upper); values are checked
+    on CPU only (reading a GPU tensor on the host would sync)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int64:
+        raise TypeError(f"{name}: expected dtype torch.int64, got {t.dtype}")
+    if t.dim() != len(shape) or any(s is not None and s != g for s, g in zip(shape, t.shape)):
+        want = tuple("*" if s is None else s for s in shape)
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+    if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= upper:
+            raise ValueError(f"{name}: expected values in [0, {upper}), got values in [{lo}, {hi}]")

@@ -1,0 +1,351 @@
+"""Masked video modeling: masks, gather_patches, unshuffle_with_mask_tokens, masked_mse_loss.
+
+Every backend against an independent float64 einops pipeline (values and gradients), masks for
+exact counts / tube property / determinism, unshuffle bit for bit, bad inputs.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+from einops import rearrange
+
+import wmkernels
+from wmkernels import masking
+from conftest import FULL_BACKENDS, TOL, TRITON_AVAILABLE, make_layout
+
+VIDEO = {"BCTHW": "b c (t pt) (h ph) (w pw)", "BTCHW": "b (t pt) c (h ph) (w pw)"}
+# (tubelet, (T, H, W)): small videos; 4x4x4 with an odd 3x5x7 grid.
+TUBELETS = [((2, 16, 16), (4, 32, 32)), ((1, 16, 16), (2, 32, 16)), ((2, 8, 8), (4, 16, 24)), ((4, 4, 4), (12, 20, 28))]
+VIDEO_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.uint8]
+BACKENDS = FULL_BACKENDS + (["triton"] if TRITON_AVAILABLE else [])
+
+
+def make_video(b, c, thw, layout, dtype, seed=0, view="contiguous"):
+    g = torch.Generator().manual_seed(seed)
+    t, h, w = thw
+    shape = (b, c, t, h, w) if layout == "BCTHW" else (b, t, c, h, w)
+    if dtype == torch.uint8:
+        v = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    else:
+        v = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
+    return make_layout(v, view) if view != "contiguous" else v
+
+
+def ref_patches(video64, tubelet, layout, mean=None, std=None):
+    """float64 (B, N, (pt ph pw) c) patches of the (normalized) video, written independently."""
+    cdim = 1 if layout == "BCTHW" else 2
+    shape = [1] * 5
+    shape[cdim] = video64.shape[cdim]
+    if mean is not None:
+        video64 = video64 - torch.tensor(mean, dtype=torch.float64).view(shape)
+    if std is not None:
+        video64 = video64 / torch.tensor(std, dtype=torch.float64).view(shape)
+    pt, ph, pw = tubelet
+    return rearrange(video64, f"{VIDEO[layout]} -> b (t h w) (pt ph pw) c", pt=pt, ph=ph, pw=pw)
+
+
+def ref_loss(pred64, video64, index, tubelet, layout, norm_pix, norm_mode, eps, mean=None, std=None):
+    x = ref_patches(video64, tubelet, layout, mean, std)  # b n q c
+    if norm_pix and norm_mode == "videomae":
+        x = (x - x.mean(-2, keepdim=True)) / (x.var(-2, unbiased=True, keepdim=True).sqrt() + eps)
+    x = x.flatten(-2)
+    if norm_pix and norm_mode == "mae":
+        x = (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=True, keepdim=True) + eps) ** 0.5
+    if index.dtype == torch.bool:
+        per = ((pred64 - x) ** 2).mean(-1)
+        return (per * index).sum() / index.sum()
+    target = torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+    return ((pred64 - target) ** 2).mean()
+
+
+def close(actual, expected, dtype):
+    """assert_close at the tolerance of `dtype`, relative to the largest expected magnitude."""
+    tol = TOL[torch.float32 if dtype == torch.uint8 else dtype]
+    scale = expected.abs().max().clamp_min(1e-30)
+    torch.testing.assert_close(actual.double() / scale, expected.double() / scale, rtol=tol["rtol"],
+                               atol=tol["atol"] * 4)
+
+
+# ------------------------------------------------------------------------------------------------ masks
+
+
+@pytest.mark.parametrize("kind", ["random", "tube", "block"])
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75, 0.9])
+@pytest.mark.parametrize("grid", [(8, 14, 14), (3, 5, 7), (1, 1, 2)])
+def test_mask_counts_and_ids(kind, ratio, grid):
+    m = getattr(masking, kind)(4, grid, ratio, generator=torch.Generator().manual_seed(1))
+    t, h, w = grid
+    n = t * h * w
+    k = t * int(ratio * h * w) if kind == "tube" else int(ratio * n)
+    assert m.mask.shape == (4, n) and m.mask.dtype == torch.bool
+    assert (m.mask.sum(1) == k).all()
+    assert m.ids_masked.shape == (4, k) and m.ids_keep.shape == (4, n - k)
+    for x in (m.ids_keep, m.ids_masked, m.ids_restore):
+        assert x.dtype == torch.int64
+    assert m.mask.gather(1, m.ids_masked).all() and not m.mask.gather(1, m.ids_keep).any()
+    shuffle = torch.cat([m.ids_keep, m.ids_masked], 1)
+    assert torch.equal(shuffle.gather(1, m.ids_restore), torch.arange(n).expand(4, n))
+    assert (m.ids_keep.diff(dim=1) > 0).all() and (m.ids_masked.diff(dim=1) > 0).all()
+    if kind == "tube":
+        per_slot = m.mask.view(4, t, h * w)
+        assert (per_slot == per_slot[:, :1]).all()
+
+
+@pytest.mark.parametrize("kind", ["random", "tube", "block"])
+def test_mask_seeded_determinism(kind):
+    fn = getattr(masking, kind)
+    a = fn(3, (4, 6, 6), 0.8, generator=torch.Generator().manual_seed(7))
+    b = fn(3, (4, 6, 6), 0.8, generator=torch.Generator().manual_seed(7))
+    c = fn(3, (4, 6, 6), 0.8, generator=torch.Generator().manual_seed(8))
+    assert all(torch.equal(x, y) for x, y in zip(vars(a).values(), vars(b).values()))
+    assert not torch.equal(a.mask, c.mask)
+    assert not torch.equal(a.mask[0], a.mask[1])  # samples differ
+
+
+def test_block_mask_prefers_blocks():
+    """The masked set is the union of 3D boxes when the ratio equals the union's size."""
+    g = torch.Generator().manual_seed(3)
+    m = masking.block(2, (4, 8, 8), 0.3, num_blocks=1, spatial_scale=(0.25, 0.25), temporal_scale=(0.5, 0.5),
+                      aspect_ratio=(1.0, 1.0), generator=g)
+    for row in m.mask.view(2, 4, 8, 8):
+        # int(0.3 * 256) = 76 tokens >= the 2x4x4 box: the whole box is masked
+        assert row.sum() == 76
+        assert any(
+            row[t0:t0 + 2, h0:h0 + 4, w0:w0 + 4].all()
+            for t0, h0, w0 in itertools.product(range(3), range(5), range(5))
+        )
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
+def test_mask_bad_ratio(ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        masking.tube(2, (2, 4, 4), ratio)
+
+
+def test_mask_bad_grid_and_generator():
+    with pytest.raises(ValueError, match="grid"):
+        masking.random(2, (2, 4), 0.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        masking.random(0, (2, 4, 4), 0.5)
+    assert masking.grid_size((2, 3, 16, 224, 224), (2, 16, 16)) == (8, 14, 14)
+    assert masking.grid_size((2, 16, 3, 224, 224), (2, 16, 16), "BTCHW") == (8, 14, 14)
+
+
+# ----------------------------------------------------------------------------------------------- gather
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tubelet,thw", TUBELETS, ids=lambda x: "x".join(map(str, x)))
+@pytest.mark.parametrize("layout", ["BCTHW", "BTCHW"])
+@pytest.mark.parametrize("vdtype", VIDEO_DTYPES, ids=str)
+def test_gather_patches(backend, tubelet, thw, layout, vdtype):
+    if backend == "triton" and (tubelet[1] == 16 or vdtype in (torch.float16, torch.float64)):
+        pytest.skip("Triton: covering subset on small shapes")
+    video = make_video(2, 3, thw, layout, vdtype, view="strided" if vdtype == torch.float32 else "contiguous")
+    grid = masking.grid_size(video.shape, tubelet, layout)
+    m = masking.random(2, grid, 0.6, generator=torch.Generator().manual_seed(0))
+    norm = vdtype == torch.uint8 or vdtype == torch.bfloat16
+    mean, std = ((120.0, 110.0, 100.0), (60.0, 58.0, 57.0)) if norm else (None, None)
+    vid = video.detach().requires_grad_(video.is_floating_point())
+    out = wmkernels.gather_patches(vid, m.ids_keep, tubelet, layout, mean=mean, std=std, backend=backend)
+    want = ref_patches(video.double(), tubelet, layout, mean, std).flatten(-2)
+    want = torch.gather(want, 1, m.ids_keep[..., None].expand(-1, -1, want.shape[-1]))
+    assert out.dtype == (torch.float32 if vdtype == torch.uint8 else vdtype)
+    if not norm:
+        assert torch.equal(out.double(), want)  # a pure gather is exact
+    close(out, want, vdtype)
+    if vid.requires_grad:
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (out * g.to(out.dtype)).sum().backward()
+        v64 = video.double().requires_grad_()
+        w = ref_patches(v64, tubelet, layout, mean, std).flatten(-2)
+        (torch.gather(w, 1, m.ids_keep[..., None].expand(-1, -1, w.shape[-1])) * g.to(out.dtype).double()).sum().backward()
+        close(vid.grad, v64.grad, vdtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_repeated_ids_accumulate(backend):
+    video = make_video(1, 2, (2, 8, 8), "BCTHW", torch.float32).requires_grad_()
+    ids = torch.tensor([[1, 1, 3, 1]])
+    out = wmkernels.gather_patches(video, ids, (1, 4, 4), backend=backend)
+    out.sum().backward()
+    v64 = video.detach().double().requires_grad_()
+    p = rearrange(v64, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=1, ph=4, pw=4)
+    p[:, ids[0]].sum().backward()
+    assert torch.equal(video.grad.double(), v64.grad)
+
+
+@pytest.mark.parametrize("layout", ["BCTHW", "BTCHW"])
+def test_patchify_roundtrip(layout):
+    video = make_video(2, 3, (4, 8, 12), layout, torch.float32)
+    tokens = wmkernels.patchify(video, (2, 4, 4), layout)
+    assert tokens.shape == (2, 2 * 2 * 3, 2 * 4 * 4 * 3)
+    assert torch.equal(tokens, ref_patches(video.double(), (2, 4, 4), layout).flatten(-2).float())
+    assert torch.equal(wmkernels.unpatchify(tokens, (2, 2, 3), (2, 4, 4), layout), video)
+
+
+# -------------------------------------------------------------------------------------------- unshuffle
+
+
+def mae_unshuffle(visible, mask_token, ids_restore, pos_embed):
+    b, k, d = visible.shape
+    tokens = mask_token.reshape(1, 1, d).expand(b, ids_restore.shape[1] - k, d)
+    x = torch.cat([visible, tokens], dim=1)
+    x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
+    return x + pos_embed if pos_embed is not None else x
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("torch", "cpu", "triton")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("pos", ["none", "shared", "per_sample"])
+def test_unshuffle_bit_exact(backend, dtype, pos):
+    g = torch.Generator().manual_seed(0)
+    m = masking.tube(2, (2, 3, 5), 0.75, generator=g)
+    d = 24
+    visible = torch.randn(2, m.num_keep, d, generator=g).to(dtype).requires_grad_()
+    token = torch.randn(1, 1, d, generator=g).to(dtype).requires_grad_()
+    pshape = {"none": None, "shared": (1, 30, d), "per_sample": (2, 30, d)}[pos]
+    pe = torch.randn(pshape, generator=g).to(dtype).requires_grad_() if pshape else None
+    out = wmkernels.unshuffle_with_mask_tokens(visible, token, m.ids_restore, pe, backend=backend)
+    want = mae_unshuffle(visible.detach(), token.detach(), m.ids_restore, pe.detach() if pe is not None else None)
+    assert out.dtype == dtype and torch.equal(out, want)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (out * go.to(dtype)).sum().backward()
+    leaves = [t for t in (visible, token, pe) if t is not None]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    (mae_unshuffle(*ref_leaves[:2], m.ids_restore, ref_leaves[2] if pe is not None else None)
+     * go.to(dtype).double()).sum().backward()
+    for a, b in zip(leaves, ref_leaves):
+        close(a.grad, b.grad, dtype)
+
+
+# ------------------------------------------------------------------------------------------------- loss
+
+LOSS_CASES = [
+    # (tubelet, thw, layout, norm_pix, norm_mode, index kind, ratio)
+    ((2, 16, 16), (4, 32, 32), "BCTHW", True, "mae", "ids", 0.9),
+    ((1, 16, 16), (2, 32, 16), "BTCHW", True, "videomae", "ids", 0.75),
+    ((2, 8, 8), (4, 16, 24), "BCTHW", True, "videomae", "mask", 0.5),
+    ((2, 8, 8), (4, 16, 24), "BTCHW", False, "mae", "ids", 0.75),
+    ((4, 4, 4), (12, 20, 28), "BTCHW", True, "mae", "mask", 0.9),
+    ((4, 4, 4), (12, 20, 28), "BCTHW", True, "videomae", "ids", 0.5),
+]
+
+
+def _loss_inputs(case, pdtype, vdtype, view):
+    tubelet, thw, layout, norm_pix, norm_mode, kind, ratio = case
+    video = make_video(2, 3, thw, layout, vdtype, seed=2, view=view)
+    grid = masking.grid_size(video.shape, tubelet, layout)
+    m = masking.tube(2, grid, ratio, generator=torch.Generator().manual_seed(5))
+    index = m.ids_masked if kind == "ids" else m.mask
+    p = math.prod(tubelet) * 3
+    rows = index.shape[1]
+    pred = torch.randn(2, rows, p, generator=torch.Generator().manual_seed(6)).to(pdtype)
+    return video, index, pred
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-{c[2]}-{c[4] if c[3] else 'raw'}-{c[5]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.uint8], ids=str)
+def test_masked_mse_loss(backend, case, dtype):
+    """dtype: of pred and video; uint8 = fp32 pred with a uint8 video and per-channel mean/std."""
+    if backend == "triton" and (case[0][1] == 16 or dtype in (torch.float16, torch.float64)):
+        pytest.skip("Triton: covering subset on small shapes")
+    tubelet, _, layout, norm_pix, norm_mode, _, _ = case
+    pdtype = torch.float32 if dtype == torch.uint8 else dtype
+    view = "permuted" if dtype == torch.float32 else "contiguous"
+    video, index, pred = _loss_inputs(case, pdtype, dtype, view)
+    mean, std = ((120.0, 110.0, 100.0), (60.0, 58.0, 57.0)) if dtype == torch.uint8 else (None, None)
+    pred = pred.requires_grad_()
+    vid = video.detach().requires_grad_(video.is_floating_point())
+    loss = wmkernels.masked_mse_loss(pred, vid, index, tubelet, layout, norm_pix=norm_pix, norm_mode=norm_mode,
+                                     mean=mean, std=std, backend=backend)
+    p64 = pred.detach().double().requires_grad_()
+    v64 = video.double().requires_grad_()
+    want = ref_loss(p64, v64, index, tubelet, layout, norm_pix, norm_mode, 1e-6, mean, std)
+    assert loss.dtype == pdtype and loss.shape == ()
+    close(loss, want, pdtype)
+    grads = torch.autograd.grad(loss * 3.0, [t for t in (pred, vid) if t.requires_grad])
+    want_grads = torch.autograd.grad(want * 3.0, [p64, v64] if vid.requires_grad else [p64])
+    for a, b in zip(grads, want_grads):
+        close(a, b, pdtype)
+    if index.dtype == torch.bool:
+        assert (grads[0][~index] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_mse_loss_grad_out_one_and_deterministic(backend):
+    video, index, pred = _loss_inputs(LOSS_CASES[4], torch.float32, torch.float32, "contiguous")
+    pred.requires_grad_()
+    l1 = wmkernels.masked_mse_loss(pred, video, index, (4, 4, 4), "BTCHW", backend=backend)
+    (g1,) = torch.autograd.grad(l1, pred)
+    l2 = wmkernels.masked_mse_loss(pred, video, index, (4, 4, 4), "BTCHW", backend=backend)
+    (g2,) = torch.autograd.grad(l2, pred)
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+
+
+def test_masked_mse_loss_compiles():
+    video, index, pred = _loss_inputs(LOSS_CASES[2], torch.float32, torch.float32, "contiguous")
+    pred.requires_grad_()
+
+    def f(pred, video, index):
+        return wmkernels.masked_mse_loss(pred, video, index, (2, 8, 8), "BCTHW", norm_mode="videomae", backend="torch")
+
+    out = torch.compile(f, backend="eager", fullgraph=True)(pred, video, index)
+    torch.testing.assert_close(out, f(pred, video, index))
+    out.backward()
+    assert pred.grad is not None
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs():
+    video = make_video(2, 3, (4, 16, 16), "BCTHW", torch.float32)
+    ids = torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="not divisible by the tubelet"):
+        wmkernels.gather_patches(video, ids, (3, 8, 8))
+    with pytest.raises(ValueError, match="layout"):
+        wmkernels.gather_patches(video, ids, (2, 8, 8), "BHWCT")
+    with pytest.raises(ValueError, match="tubelet"):
+        wmkernels.gather_patches(video, ids, (2, 8))
+    with pytest.raises(ValueError, match=r"ids: expected values in \[0, 8\)"):
+        wmkernels.gather_patches(video, torch.full((2, 3), 8), (2, 8, 8))
+    with pytest.raises(ValueError, match="ids: expected values"):
+        wmkernels.gather_patches(video, torch.full((2, 3), -1), (2, 8, 8))
+    with pytest.raises(TypeError, match="ids: expected dtype torch.int64"):
+        wmkernels.gather_patches(video, ids.int(), (2, 8, 8))
+    with pytest.raises(ValueError, match="ids: expected shape"):
+        wmkernels.gather_patches(video, ids[:1], (2, 8, 8))
+    with pytest.raises(ValueError, match="mean: expected 3"):
+        wmkernels.gather_patches(video, ids, (2, 8, 8), mean=(1.0, 2.0))
+    with pytest.raises(TypeError, match="video"):
+        wmkernels.gather_patches(video.int(), ids, (2, 8, 8))
+    pred = torch.randn(2, 3, 2 * 8 * 8 * 3)
+    with pytest.raises(ValueError, match="pred: expected shape"):
+        wmkernels.masked_mse_loss(pred[:, :2], video, ids, (2, 8, 8))
+    with pytest.raises(ValueError, match="pred: expected shape"):
+        wmkernels.masked_mse_loss(pred[..., :-1], video, ids, (2, 8, 8))
+    with pytest.raises(ValueError, match="index: a bool mask"):
+        wmkernels.masked_mse_loss(pred, video, torch.zeros(2, 3, dtype=torch.bool), (2, 8, 8))
+    with pytest.raises(TypeError, match="index: expected dtype"):
+        wmkernels.masked_mse_loss(pred, video, ids.int(), (2, 8, 8))
+    with pytest.raises(ValueError, match="index: expected values"):
+        wmkernels.masked_mse_loss(pred, video, ids + 100, (2, 8, 8))
+    with pytest.raises(ValueError, match="norm_mode"):
+        wmkernels.masked_mse_loss(pred, video, ids, (2, 8, 8), norm_mode="bad")
+    with pytest.raises(ValueError, match="not divisible"):
+        wmkernels.masked_mse_loss(pred, video[..., :15], ids, (2, 8, 8))
+    with pytest.raises(ValueError, match="layout"):
+        wmkernels.masked_mse_loss(pred, video, ids, (2, 8, 8), layout="THW")
+    vis = torch.randn(2, 2, 4)
+    with pytest.raises(ValueError, match="mask_token"):
+        wmkernels.unshuffle_with_mask_tokens(vis, torch.zeros(5), torch.zeros(2, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="ids_restore"):
+        wmkernels.unshuffle_with_mask_tokens(vis, torch.zeros(4), torch.full((2, 4), 4))
+    with pytest.raises(TypeError, match="ids_restore: expected dtype"):
+        wmkernels.unshuffle_with_mask_tokens(vis, torch.zeros(4), torch.zeros(2, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="pos_embed"):
+        wmkernels.unshuffle_with_mask_tokens(vis, torch.zeros(4), torch.zeros(2, 4, dtype=torch.int64),
+                                             torch.zeros(1, 5, 4))

@@ -1,0 +1,162 @@
+"""Token masks for masked video modeling: random (MAE), tube (VideoMAE) and 3D block (V-JEPA).
+
+Every generator returns a `Masks` over a (T', H', W') token grid, tokens in (t, h, w) row-major
+order, with the same number of masked tokens in every sample; all work runs on `device` without
+host syncs and is deterministic for a given device and `torch.Generator`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from . import _validation
+
+
+@dataclasses.dataclass(frozen=True)
+class Masks:
+    """One masking of a batch of token sequences of length N = T' * H' * W'.
+
+    mask: (B, N) bool, True = masked (hidden from the encoder, predicted by the decoder).
+    ids_keep: (B, N_keep) int64, the visible tokens in ascending order.
+    ids_masked: (B, N_masked) int64, the masked tokens in ascending order.
+    ids_restore: (B, N) int64, the position of each token in cat([ids_keep, ids_masked], 1):
+        `unshuffle_with_mask_tokens(visible, mask_token, ids_restore)` puts the tokens back.
+    """
+
+    mask: torch.Tensor
+    ids_keep: torch.Tensor
+    ids_masked: torch.Tensor
+    ids_restore: torch.Tensor
+
+    @property
+    def num_masked(self) -> int:
+        return self.ids_masked.shape[1]
+
+    @property
+    def num_keep(self) -> int:
+        return self.ids_keep.shape[1]
+
+
+def grid_size(video_shape, tubelet, layout: str = "BCTHW") -> tuple[int, int, int]:
+    """The token grid (T', H', W') of a video of `video_shape` cut into `tubelet` = (t, h, w) patches."""
+    _validation.check_tubelet(tubelet)
+    _validation.check_video_layout(layout)
+    if len(video_shape) != 5:
+        raise ValueError(f"video_shape: expected 5 dims ({layout}), got {tuple(video_shape)}")
+    t, h, w = (video_shape[2], video_shape[3], video_shape[4]) if layout == "BCTHW" else (
+        video_shape[1], video_shape[3], video_shape[4])
+    _validation.check_divisible("video", (t, h, w), tubelet)
+    return t // tubelet[0], h // tubelet[1], w // tubelet[2]
+
+
+def _check(batch_size: int, grid, ratio: float) -> tuple[int, int, int]:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    grid = tuple(grid)
+    if len(grid) != 3 or not all(isinstance(g, int) and g >= 1 for g in grid):
+        raise ValueError(f"grid: expected three positive ints (T', H', W'), got {grid!r}")
+    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio: expected a float in [0, 1), got {ratio!r}")
+    return grid
+
+
+def _device(device, generator: torch.Generator | None) -> torch.device:
+    device = torch.device(device if device is not None else (generator.device if generator is not None else "cpu"))
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator: expected a generator on {device.type}, got one on {generator.device.type}")
+    return device
+
+
+def from_mask(mask: torch.Tensor, num_masked: int) -> Masks:
+    """`Masks` of a (B, N) bool mask whose every row has exactly `num_masked` True entries."""
+    n_keep = mask.shape[1] - num_masked
+    # a stable sort of the 0/1 mask lists the visible tokens, then the masked ones, each ascending
+    ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    return Masks(mask, ids_shuffle[:, :n_keep], ids_shuffle[:, n_keep:], ids_restore)
+
+
+def _top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, N) bool with True at the k largest scores of each row."""
+    mask = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
+    if k:
+        mask.scatter_(1, torch.topk(score, k, dim=1).indices, True)
+    return mask
+
+
+def random(batch_size: int, grid, ratio: float, *, device=None, generator: torch.Generator | None = None) -> Masks:
+    """MAE masking: `int(ratio * N)` tokens masked uniformly at random in each sample."""
+    grid = _check(batch_size, grid, ratio)
+    device = _device(device, generator)
+    n = math.prod(grid)
+    k = int(ratio * n)
+    noise = torch.rand(batch_size, n, device=device, generator=generator)
+    return from_mask(_top_k_mask(noise, k), k)
+
+
+def tube(batch_size: int, grid, ratio: float, *, device=None, generator: torch.Generator | None = None) -> Masks:
+    """VideoMAE tube masking: one random spatial mask of `int(ratio * H' W')` tokens per sample,
+    shared by all T' time slots (so `T' * int(ratio * H' W')` masked tokens)."""
+    grid = _check(batch_size, grid, ratio)
+    device = _device(device, generator)
+    t, h, w = grid
+    k = int(ratio * h * w)
+    noise = torch.rand(batch_size, h * w, device=device, generator=generator)
+    spatial = _top_k_mask(noise, k)
+    return from_mask(spatial[:, None, :].expand(batch_size, t, h * w).reshape(batch_size, t * h * w), t * k)
+
+
+def block(
+    batch_size: int,
+    grid,
+    ratio: float,
+    *,
+    num_blocks: int = 8,
+    spatial_scale: tuple[float, float] = (0.15, 0.15),
+    temporal_scale: tuple[float, float] = (1.0, 1.0),
+    aspect_ratio: tuple[float, float] = (0.75, 1.5),
+    device=None,
+    generator: torch.Generator | None = None,
+) -> Masks:
+    """V-JEPA-style masking: the union of `num_blocks` random 3D blocks, trimmed or topped up to
+    exactly `int(ratio * N)` masked tokens.
+
+    Each block covers a fraction of the H' x W' plane drawn from `spatial_scale` with an aspect
+    ratio (h/w) drawn log-uniformly from `aspect_ratio`, and a fraction of the T' slots drawn from
+    `temporal_scale`, at a uniform random position. Tokens inside the union win over those
+    outside; ties (which union tokens to drop, which outside tokens to add) break at random.
+    """
+    grid = _check(batch_size, grid, ratio)
+    if not isinstance(num_blocks, int) or num_blocks < 1:
+        raise ValueError(f"num_blocks: expected a positive int, got {num_blocks!r}")
+    for name, (lo, hi) in (("spatial_scale", spatial_scale), ("temporal_scale", temporal_scale)):
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"{name}: expected 0 < low <= high <= 1, got {(lo, hi)!r}")
+    if not 0.0 < aspect_ratio[0] <= aspect_ratio[1]:
+        raise ValueError(f"aspect_ratio: expected 0 < low <= high, got {tuple(aspect_ratio)!r}")
+    device = _device(device, generator)
+    t, h, w = grid
+    n = t * h * w
+    k = int(ratio * n)
+    u = torch.rand(batch_size, num_blocks, 6, device=device, generator=generator, dtype=torch.float64)
+    area = (spatial_scale[0] + (spatial_scale[1] - spatial_scale[0]) * u[..., 0]) * (h * w)
+    log_ar = math.log(aspect_ratio[0]) + (math.log(aspect_ratio[1]) - math.log(aspect_ratio[0])) * u[..., 1]
+    ar = torch.exp(log_ar)
+    bh = torch.sqrt(area * ar).round().clamp(1, h).long()
+    bw = torch.sqrt(area / ar).round().clamp(1, w).long()
+    bt = ((temporal_scale[0] + (temporal_scale[1] - temporal_scale[0]) * u[..., 2]) * t).round().clamp(1, t).long()
+    t0 = (u[..., 3] * (t - bt + 1)).long().clamp(max=t - 1)
+    h0 = (u[..., 4] * (h - bh + 1)).long().clamp(max=h - 1)
+    w0 = (u[..., 5] * (w - bw + 1)).long().clamp(max=w - 1)
+    tt = torch.arange(t, device=device).view(t, 1, 1)
+    hh = torch.arange(h, device=device).view(1, h, 1)
+    ww = torch.arange(w, device=device).view(1, 1, w)
+
+    def inside(coord, start, size):
+        return (coord >= start[..., None, None, None]) & (coord < (start + size)[..., None, None, None])
+
+    union = (inside(tt, t0, bt) & inside(hh, h0, bh) & inside(ww, w0, bw)).any(dim=1).reshape(batch_size, n)
+    noise = torch.rand(batch_size, n, device=device, generator=generator)
+    return from_mask(_top_k_mask(union.to(noise.dtype) + noise, k), k)
