@@ -1,8 +1,11 @@
 """`nn.Module` forms of the wmkernels losses: thin wrappers holding the options."""
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .ops.contrastive import contrastive_loss
 from .ops.mse import mse_loss
 
 
@@ -16,3 +19,40 @@ class MSELoss(torch.nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         return mse_loss(input, target, reduction=self.reduction, weight=weight, backend=self.backend)
+
+
+class ContrastiveLoss(torch.nn.Module):
+    """CLIP-style contrastive loss backed by `wmkernels.contrastive_loss`; `forward(z1, z2, labels=None)`.
+
+    With `learnable_scale=True` the logit scale is a parameter stored in log space like CLIP's,
+    initialized to log(1 / temperature) (log(1/0.07) by default), and used as exp(.) clamped at
+    `max_scale` (100); otherwise the fixed `temperature` is used. Other options are passed through.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        learnable_scale: bool = False,
+        max_scale: float = 100.0,
+        normalize: bool = True,
+        symmetric: bool = True,
+        label_smoothing: float = 0.0,
+        return_accuracy: bool = False,
+        distributed: str | None = None,
+        reduction: str = "mean",
+        group=None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.temperature, self.max_scale = temperature, max_scale
+        self.logit_scale = (
+            torch.nn.Parameter(torch.tensor(math.log(1.0 / temperature))) if learnable_scale else None
+        )
+        self.options = dict(
+            normalize=normalize, symmetric=symmetric, label_smoothing=label_smoothing, return_accuracy=return_accuracy,
+            distributed=distributed, reduction=reduction, group=group, backend=backend,
+        )
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None = None):
+        scale = None if self.logit_scale is None else self.logit_scale.exp().clamp(max=self.max_scale)
+        return contrastive_loss(z1, z2, temperature=self.temperature, logit_scale=scale, labels=labels, **self.options)

@@ -1,0 +1,218 @@
+"""contrastive_loss vs a float64 F.cross_entropy formula: values, dz1, dz2, logit-scale gradient."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import wmkernels
+from conftest import DTYPES, FULL_BACKENDS, TRITON_AVAILABLE, assert_close, make_layout
+from wmkernels.cpp import contrastive as cpp_contrastive
+
+
+def reference(z1, z2, scale, labels=None, eps=0.0, normalize=True, symmetric=True, reduction="mean"):
+    """The loss in float64 from F.cross_entropy on the materialized logits (the issue's definition)."""
+    a, b = z1.double(), z2.double()
+    if normalize:
+        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    logits = scale * a @ b.T
+    labels = torch.arange(len(z1)) if labels is None else labels
+    loss = F.cross_entropy(logits, labels, label_smoothing=eps, reduction="none")
+    if symmetric:
+        inverse = torch.argsort(labels)
+        loss = 0.5 * (loss + F.cross_entropy(logits.T, inverse, label_smoothing=eps, reduction="none"))
+    return {"mean": loss.mean, "sum": loss.sum, "none": lambda: loss}[reduction]()
+
+
+def run_both(z1, z2, scale_value, backend, dtype, **kw):
+    """(ours, reference) as (loss, dz1, dz2, dscale), with a random upstream gradient."""
+    x1 = z1.detach().to(dtype).requires_grad_()
+    x2 = z2.detach().to(dtype).requires_grad_()
+    s = torch.tensor(scale_value, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True)
+    loss = wmkernels.contrastive_loss(x1, x2, logit_scale=s, backend=backend, **kw)
+    up = torch.rand_like(loss, dtype=torch.float64)
+    (loss * up.to(loss.dtype)).sum().backward()
+    r1 = x1.detach().double().requires_grad_()
+    r2 = x2.detach().double().requires_grad_()
+    rs = torch.tensor(scale_value, dtype=torch.float64, requires_grad=True)
+    ref = reference(r1, r2, rs, **{k: v for k, v in kw.items() if k != "label_smoothing"}, eps=kw.get("label_smoothing", 0.0))
+    (ref * up).sum().backward()
+    return (loss, x1.grad, x2.grad, s.grad), (ref, r1.grad, r2.grad, rs.grad)
+
+
+def check(ours, ref, dtype, grad_scale=1.0):
+    loss, g1, g2, gs = ours
+    rl, r1, r2, rs = ref
+    assert loss.dtype == dtype
+    assert_close(loss, rl, dtype, scale=4)
+    assert_close(g1, r1, dtype, scale=grad_scale)
+    assert_close(g2, r2, dtype, scale=grad_scale)
+    # d scale sums B^2 terms: compare relative to the loss magnitude.
+    assert_close(gs, rs, torch.float32 if dtype == torch.float64 else dtype, scale=10 * grad_scale)
+
+
+CASES = [  # (B, D, symmetric, label_smoothing, custom labels, normalize)
+    (1, 3, True, 0.0, False, True),
+    (3, 64, False, 0.0, False, True),
+    (3, 100, True, 0.1, True, True),
+    (257, 64, True, 0.0, False, True),
+    (257, 257, False, 0.2, True, True),
+    (257, 3, True, 0.1, True, False),
+    (1030, 100, True, 0.05, True, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-D{}-sym{}-eps{}-lab{}-norm{}".format(*c))
+def test_matches_reference(backend, dtype, case, monkeypatch):
+    B, D, symmetric, eps, custom, normalize = case
+    if B > 300 and dtype not in (torch.float32, torch.float64):
+        pytest.skip("large B covered in fp32/fp64")
+    monkeypatch.setattr(cpp_contrastive, "TILE", 128)  # several tiles, last one partial
+    g = torch.Generator().manual_seed(B * 1000 + D)
+    z1 = torch.randn(B, D, generator=g)
+    z2 = z1 + 0.5 * torch.randn(B, D, generator=g)
+    labels = torch.randperm(B, generator=g) if custom else None
+    if labels is not None:
+        z2 = z2[torch.argsort(labels)]  # keep positives similar so the loss is not trivial
+    scale = 14.0 if normalize else 0.3
+    ours, ref = run_both(z1, z2, scale, backend, dtype, labels=labels, label_smoothing=eps,
+                         normalize=normalize, symmetric=symmetric)
+    check(ours, ref, dtype, grad_scale=1.0 if B < 1000 else 4.0)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_reductions(backend, reduction, symmetric):
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(37, 20, generator=g), torch.randn(37, 20, generator=g)
+    ours, ref = run_both(z1, z2, 5.0, backend, torch.float64, reduction=reduction, symmetric=symmetric)
+    check(ours, ref, torch.float64)
+
+
+@pytest.mark.parametrize("layout", ["strided", "permuted", "expanded"])
+def test_non_contiguous_inputs(backend, layout):
+    g = torch.Generator().manual_seed(2)
+    base1, base2 = torch.randn(40, 24, generator=g), torch.randn(40, 24, generator=g)
+    z1, z2 = make_layout(base1, layout), make_layout(base2, "strided")
+    assert not z1.is_contiguous() or layout == "expanded"
+    before = z1.clone()
+    ours, ref = run_both(z1, z2, 10.0, backend, torch.float32, label_smoothing=0.1)
+    check(ours, ref, torch.float32)
+    assert torch.equal(z1, before)
+
+
+def test_temperature_tensor_gets_gradient(backend):
+    g = torch.Generator().manual_seed(3)
+    z1, z2 = torch.randn(16, 8, generator=g, dtype=torch.float64), torch.randn(16, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    loss = wmkernels.contrastive_loss(z1, z2, temperature=t, backend=backend)
+    (gt,) = torch.autograd.grad(loss, t)
+    t_ref = t.detach().clone().requires_grad_()
+    (rt,) = torch.autograd.grad(reference(z1, z2, 1.0 / t_ref), t_ref)
+    assert_close(gt, rt, torch.float64)
+    plain = wmkernels.contrastive_loss(z1, z2, temperature=0.1, backend=backend)
+    assert_close(plain, reference(z1, z2, 10.0), torch.float64)
+
+
+def test_logit_scale_wins_over_temperature(backend):
+    z1, z2 = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    loss = wmkernels.contrastive_loss(z1, z2, temperature=0.5, logit_scale=20.0, backend=backend)
+    assert_close(loss, reference(z1, z2, 20.0), torch.float64)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_accuracy(backend, symmetric, monkeypatch):
+    monkeypatch.setattr(cpp_contrastive, "TILE", 16)
+    g = torch.Generator().manual_seed(4)
+    z1 = torch.randn(70, 12, generator=g, dtype=torch.float64)
+    labels = torch.randperm(70, generator=g)
+    z2 = (z1 + 1.2 * torch.randn(70, 12, generator=g, dtype=torch.float64))[torch.argsort(labels)]
+    res = wmkernels.contrastive_loss(z1, z2, labels=labels, symmetric=symmetric, return_accuracy=True, backend=backend)
+    assert isinstance(res, wmkernels.ContrastiveResult)
+    logits = F.normalize(z1) @ F.normalize(z2).T
+    acc12 = (logits.argmax(1) == labels).double().mean()
+    acc21 = (logits.argmax(0) == torch.argsort(labels)).double().mean()
+    assert 0.1 < acc12 < 0.95  # not trivially all right or all wrong
+    assert res.accuracy_12.item() == pytest.approx(acc12.item())
+    if symmetric:
+        assert res.accuracy_21.item() == pytest.approx(acc21.item())
+        assert res.accuracy.item() == pytest.approx(0.5 * (acc12 + acc21).item())
+    else:
+        assert math.isnan(res.accuracy_21.item()) and res.accuracy.item() == pytest.approx(acc12.item())
+    assert_close(res.loss, reference(z1, z2, 1 / 0.07, labels=labels, symmetric=symmetric), torch.float64)
+
+
+def test_module_learnable_scale(backend):
+    torch.manual_seed(5)
+    mod = wmkernels.nn.ContrastiveLoss(learnable_scale=True, backend=backend).double()
+    assert mod.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    z1, z2 = torch.randn(12, 6, dtype=torch.float64), torch.randn(12, 6, dtype=torch.float64)
+    mod(z1, z2).backward()
+    s = mod.logit_scale.detach().clone().requires_grad_()
+    reference(z1, z2, s.exp()).backward()
+    assert_close(mod.logit_scale.grad, s.grad, torch.float64)
+    with torch.no_grad():
+        mod.logit_scale.fill_(math.log(1000.0))  # clamped at 100: no gradient
+    mod.logit_scale.grad = None
+    loss = mod(z1, z2)
+    loss.backward()
+    assert_close(loss, reference(z1, z2, 100.0), torch.float64)
+    assert mod.logit_scale.grad.item() == 0.0
+    fixed = wmkernels.nn.ContrastiveLoss(temperature=0.2, backend=backend)
+    assert fixed.logit_scale is None
+    assert_close(fixed(z1, z2), reference(z1, z2, 5.0), torch.float64)
+
+
+def test_opcheck(backend):
+    z1, z2 = torch.randn(9, 5, requires_grad=True), torch.randn(9, 5, requires_grad=True)
+    scale = torch.tensor(3.0, requires_grad=True)
+    lab = torch.arange(9)
+    for symmetric in (True, False):
+        args = (z1, z2, scale, lab, lab if symmetric else lab[:0], 0.9, 0.01, 0.01, True, symmetric, backend)
+        torch.library.opcheck(torch.ops.wmkernels.contrastive_loss.default, args)
+
+
+def test_compile_fullgraph(backend):
+    z1, z2 = torch.randn(10, 6, requires_grad=True), torch.randn(10, 6, requires_grad=True)
+    fn = torch.compile(lambda a, b: wmkernels.contrastive_loss(a, b, backend=backend), fullgraph=True, backend="aot_eager")
+    loss = fn(z1, z2)
+    loss.backward()
+    assert_close(loss, reference(z1, z2, 1 / 0.07), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(z2=torch.randn(5, 4)), ValueError, "z2: expected shape"),
+        (dict(z1=torch.randn(6), z2=torch.randn(6)), ValueError, "z1: expected a 2-D"),
+        (dict(z1=torch.randn(2, 3, 4), z2=torch.randn(2, 3, 4)), ValueError, "z1: expected a 2-D"),
+        (dict(z1=torch.ones(6, 4, dtype=torch.long)), TypeError, "z1: expected a floating-point"),
+        (dict(temperature=0.0), ValueError, "temperature: expected a positive"),
+        (dict(temperature=-1.0), ValueError, "temperature: expected a positive"),
+        (dict(temperature=torch.tensor(-0.1)), ValueError, "temperature: expected a positive"),
+        (dict(logit_scale=torch.tensor([1.0, 2.0])), ValueError, "logit_scale: expected a scalar"),
+        (dict(labels=torch.tensor([0, 1, 2, 3, 4, 6])), ValueError, r"labels: expected values in \[0, 6\)"),
+        (dict(labels=torch.tensor([0, 1, 2, 3, 4, -1])), ValueError, r"labels: expected values in \[0, 6\)"),
+        (dict(labels=torch.tensor([0, 0, 2, 3, 4, 5])), ValueError, "labels: with symmetric=True"),
+        (dict(labels=torch.arange(5)), ValueError, r"labels: expected shape \(6,\)"),
+        (dict(labels=torch.arange(6.0)), TypeError, "labels: expected an integer"),
+        (dict(label_smoothing=1.0), ValueError, r"label_smoothing: expected a number in \[0, 1\)"),
+        (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+        (dict(distributed="gather"), ValueError, "distributed: 'gather' needs an initialized"),
+        (dict(distributed="ring"), ValueError, "distributed: 'ring' needs an initialized"),
+        (dict(distributed="allreduce"), ValueError, "distributed: expected one of"),
+        (dict(reduction="avg"), ValueError, "reduction: expected one of"),
+    ],
+)
+def test_bad_inputs(kwargs, exc, match):
+    args = dict(z1=torch.randn(6, 4), z2=torch.randn(6, 4))
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        wmkernels.contrastive_loss(**args)
+
+
+def test_repeated_labels_allowed_one_direction(backend):
+    z1, z2 = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 5, 5])
+    loss = wmkernels.contrastive_loss(z1, z2, labels=labels, symmetric=False, backend=backend)
+    assert_close(loss, reference(z1, z2, 1 / 0.07, labels=labels, symmetric=False), torch.float64)
