@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> mse_fwd_cpu(const at::Tensor& x, const at::Te
   const double denom = mean ? denominator(x, weight) : 1.0;
   at::Tensor gx = write_grad ? at::empty_like(x) : at::Tensor();
   const double total = mse_dispatch(write_grad ? 1 : 0, x, y, w, gx, at::Tensor(), 2.0 / denom);
-  at::Tensor loss = at::scalar_tensor(mean ? total / denom : total, x.options().dtype(at::kDouble)).to(out_dtype);
+  at::Tensor loss = at::scalar_tensor(mean ? total / denom : total, x.options().dtype(out_dtype));
   return {loss, write_grad ? gx : at::empty({0}, x.options())};
 }
 

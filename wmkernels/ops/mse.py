@@ -143,7 +143,8 @@ def mse_loss(
         name == "cpu"
         and grad_wanted
         and reduction != "none"
-        and (input.requires_grad or target.dtype == input.dtype)
+        # the fused gradient is written in the input's dtype: the target's is its negation
+        and (not target.requires_grad or target.dtype == input.dtype)
     )
     loss, _ = mse_loss_op(input, target, weight, reduction, _result_dtype(input, target, weight), name, fuse)
     return loss

@@ -19,10 +19,10 @@ def mse_denominator(input: torch.Tensor, weight: torch.Tensor | None, acc: torch
 def mse_forward(input, target, weight, reduction: str, out_dtype: torch.dtype) -> torch.Tensor:
     """sum_i w_i (x_i - y_i)^2, divided by sum_i w_i (or N) for "mean"; elementwise for "none"."""
     acc = torch.float64 if out_dtype == torch.float64 else torch.float32
-    diff = input.to(acc) - target.to(acc)
-    sq = diff * diff
+    # in place after the first temporary: the reference also runs past 2^31 elements
+    sq = (input.to(acc) - target.to(acc)).square_()
     if weight is not None:
-        sq = sq * weight.to(acc)
+        sq = sq.mul_(weight.to(acc))
     if reduction == "none":
         return sq.to(out_dtype)
     total = sq.sum()
