@@ -1,0 +1,222 @@
+"""Writes a benchmark run to disk: results.json (everything), results.md (tables per op) and
+matplotlib PNG plots (time vs size per op and sweep; peak memory vs batch size where cases have one)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+log = logging.getLogger("wmkernels")
+
+_MIB = 1 << 20
+
+
+def _f(x, fmt: str, scale: float = 1.0) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x * scale, fmt)
+
+
+def _pct(x) -> str:
+    return _f(x, ".0f", 100.0) + ("%" if x is not None else "")
+
+
+def _ratio(x) -> str:
+    return _f(x, ".2f") + ("x" if x is not None else "")
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=1, sort_keys=False, default=str) + "\n")
+
+
+def _machine_lines(payload: dict) -> list[str]:
+    m = payload["machine"]
+    lines = [f"- device: **{m.get('device_name')}** ({m.get('cpu_model')}, {m.get('cpu_count')} CPU cores, "
+             f"{m.get('torch_threads')} torch threads)",
+             f"- torch {m.get('torch')}, triton {m.get('triton')}, python {m.get('python')}, "
+             f"commit `{m.get('git_commit') or 'unknown'}`, {payload['date']}"]
+    for label, run in payload["runs"].items():
+        rl = run["roofline"]
+        mm = ", ".join(f"{k} {v:.3g}" for k, v in rl.get("matmul_tflops", {}).items())
+        lines.append(f"- allocator `{label}`: {run['allocator_desc']}; roofline measured in this run: "
+                     f"copy **{rl['copy_gbps']:.1f} GB/s** (read+write), matmul TFLOP/s: {mm}")
+    lines.append(f"- memory: {payload.get('memory_method', '')}")
+    lines.append(f"- timing: median of {payload['config']['rounds']} interleaved rounds (order rotated each "
+                 f"round) after warm-up, IQR = interquartile range; every contender checked equal to the "
+                 f"reference before timing")
+    return lines
+
+
+def _summary(cases: list[dict]) -> list[str]:
+    rows = []
+    for c in cases:
+        best = None
+        for name, r in c["contenders"].items():
+            if name.startswith("wmkernels") and r.get("status") == "ok" and r.get("median_s"):
+                if best is None or r["median_s"] < best[1]["median_s"]:
+                    best = (name, r)
+        if best:
+            r = best[1]
+            rows.append(f"| {c['op']} | {c['name']} | {best[0]} | {_f(r['median_s'], '.3f', 1e3)} | "
+                        f"{_ratio(r.get('speedup_vs_eager'))} | {_ratio(r.get('speedup_vs_compile'))} | "
+                        f"{_pct(r.get('floor_fraction'))} | {_pct(r.get('bw_fraction') or r.get('flops_fraction'))} |")
+    if not rows:
+        return []
+    return ["| op | case | fastest wmkernels | ms | vs eager | vs compile | % of floor | % of roofline |",
+            "|---|---|---|---:|---:|---:|---:|---:|", *rows, ""]
+
+
+def _table(cases: list[dict]) -> list[str]:
+    has_bytes = any(c.get("bytes_moved") for c in cases)
+    has_flops = any(c.get("flops") for c in cases)
+    has_floor = any(c.get("floor") for c in cases)
+    head = ["case", "contender", "median ms", "IQR ms", "vs eager", "vs compile"]
+    if has_bytes:
+        head += ["GB/s", "% copy BW"]
+    if has_flops:
+        head += ["TFLOP/s", "% matmul peak"]
+    if has_floor:
+        head += ["% of floor"]
+    head += ["peak extra MiB", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 2 or h == "status" else "---:"
+                                                             for i, h in enumerate(head)) + "|"]
+    for c in cases:
+        if c["status"] != "ok":
+            lines.append(f"| {c['name']} | – | " + " | ".join(["–"] * (len(head) - 3)) + f" | error: {c['error']} |")
+            continue
+        rows = list(c["contenders"].items())
+        if c.get("floor"):
+            rows.append(("(memory floor)", {**c["floor"], "status": "ok", "floor_row": True}))
+        for name, r in rows:
+            ok = r.get("status") == "ok"
+            cells = [c["name"], name]
+            if ok:
+                cells += [_f(r["median_s"], ".3f", 1e3), f"{_f(r['q1_s'], '.3f', 1e3)}–{_f(r['q3_s'], '.3f', 1e3)}",
+                          _ratio(r.get("speedup_vs_eager")), _ratio(r.get("speedup_vs_compile"))]
+            else:
+                cells += ["–"] * 4
+            if has_bytes:
+                cells += [_f(r.get("gbps"), ".1f"), _pct(r.get("bw_fraction"))] if ok else ["–", "–"]
+            if has_flops:
+                cells += [_f(r.get("tflops"), ".3g"), _pct(r.get("flops_fraction"))] if ok else ["–", "–"]
+            if has_floor:
+                cells += [_pct(r.get("floor_fraction")) if ok else "–"]
+            cells += [_f(r.get("peak_extra_bytes"), ".1f", 1 / _MIB)]
+            status = r.get("status", "")
+            if status != "ok":
+                status = f"**{status}**: {r.get('error', '')}"
+            elif r.get("floor_row"):
+                status = "reference point, not checked"
+            cells.append(status.replace("|", "\\|"))
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def write_markdown(path: Path, payload: dict) -> None:
+    lines = [f"# wmkernels benchmark: {payload['machine']['device_name']}, {payload['date']}", ""]
+    lines += _machine_lines(payload) + [""]
+    lines += ["Command: `" + payload["config"]["command"] + "`", ""]
+    primary = payload["primary_run"]
+    summary = _summary([c for c in payload["cases"] if c["allocator"] == primary])
+    if summary:
+        lines += [f"## Summary (allocator `{primary}`)", ""] + summary
+    by_op = defaultdict(list)
+    for c in payload["cases"]:
+        by_op[(c["op"], c["allocator"])].append(c)
+    for (op, alloc), cases in by_op.items():
+        lines += [f"## {op} (allocator `{alloc}`)", ""] + _table(cases)
+    for op, why in payload.get("skipped_ops", {}).items():
+        lines += [f"- {op}: skipped ({why})"]
+    if payload.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in payload["plots"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-") or "all"
+
+
+def write_plots(out_dir: Path, payload: dict) -> list[str]:
+    """PNG plots; returns the file names (none, with a log message, when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("wmkernels.bench: matplotlib not installed, no plots")
+        return []
+    files = []
+    primary = payload["primary_run"]
+    copy = payload["runs"][primary]["roofline"]["copy_gbps"]
+    groups = defaultdict(list)
+    for c in payload["cases"]:
+        if c["allocator"] == primary and c["status"] == "ok":
+            groups[(c["op"], c.get("sweep"))].append(c)
+    swept_ops = {op for op, sweep in groups if sweep}
+    for (op, sweep), cases in groups.items():
+        if (sweep is None and op in swept_ops) or len(cases) < 2:
+            continue
+        cases.sort(key=lambda c: c["size"])
+        with_bw = all(c.get("bytes_moved") for c in cases)
+        fig, axes = plt.subplots(1, 2 if with_bw else 1, figsize=(11 if with_bw else 6, 4.2), squeeze=False)
+        names = sorted({n for c in cases for n in c["contenders"]})
+        series = [(n, [(c["size"], c["contenders"][n]) for c in cases if c["contenders"].get(n, {}).get("median_s")])
+                  for n in names]
+        floor = [(c["size"], c["floor"]) for c in cases if c.get("floor")]
+        for n, pts in series + ([("memory floor", floor)] if floor else []):
+            if not pts:
+                continue
+            style = "k--" if n == "memory floor" else "o-"
+            xs = [p[0] for p in pts]
+            axes[0][0].plot(xs, [p[1]["median_s"] * 1e3 for p in pts], style, label=n)
+            if with_bw:
+                bytes_by_size = {c["size"]: c["bytes_moved"] for c in cases}
+                axes[0][1].plot(xs, [bytes_by_size[x] / p["median_s"] / 1e9 for x, p in pts], style, label=n)
+        ax = axes[0][0]
+        ax.set(xscale="log", yscale="log", xlabel="size (elements)", ylabel="median time, ms (fwd+bwd)",
+               title=f"{op}{' ' + sweep if sweep else ''}: time vs size")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        if with_bw:
+            ax = axes[0][1]
+            ax.axhline(copy, color="grey", linestyle=":", label=f"copy bandwidth {copy:.1f} GB/s")
+            ax.set(xscale="log", xlabel="size (elements)", ylabel="effective GB/s", title=f"{op}: achieved bandwidth")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(payload["machine"]["device_name"], fontsize=9)
+        fig.tight_layout()
+        name = f"{_slug(op)}-{_slug(sweep or 'all')}-time.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    for (op, sweep), cases in groups.items():
+        pts = [c for c in cases if c["params"].get("batch") is not None]
+        if len({c["params"]["batch"] for c in pts}) < 2:
+            continue
+        pts.sort(key=lambda c: c["params"]["batch"])
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for n in sorted({n for c in pts for n in c["contenders"]}):
+            xy = [(c["params"]["batch"], c["contenders"][n]["peak_extra_bytes"] / _MIB) for c in pts
+                  if c["contenders"].get(n, {}).get("peak_extra_bytes") is not None]
+            if xy:
+                ax.plot(*zip(*xy), "o-", label=n)
+        ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="peak extra memory, MiB",
+               title=f"{op}{' ' + sweep if sweep else ''}: memory vs batch size")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = f"{_slug(op)}-{_slug(sweep or 'all')}-memory.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def write_all(out_dir: Path, payload: dict) -> list[str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload["plots"] = write_plots(out_dir, payload)
+    write_json(out_dir / "results.json", payload)
+    write_markdown(out_dir / "results.md", payload)
+    return ["results.json", "results.md", *payload["plots"]]
