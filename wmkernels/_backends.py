@@ -102,6 +102,7 @@ def resolve(op: str, supported: tuple[str, ...], device: torch.device, backend: 
         if explicit != "torch" and not (st.available and device.type in st.devices):
             why = st.reason if not st.available else f"it runs on {st.devices}, the tensors are on {device.type}"
             raise ValueError(f"backend: {explicit!r} cannot run {op} here: {why}")
+        log.debug("wmkernels: %s on %s runs on backend %r (explicit)", op, device, explicit)
         return explicit
     order = _DEFAULT_ORDER.get(device.type, ("torch",))
     for name in order:
@@ -109,5 +110,6 @@ def resolve(op: str, supported: tuple[str, ...], device: torch.device, backend: 
         if name in supported and (name == "torch" or (st.available and device.type in st.devices)):
             if name != order[0]:
                 _warn_fallback(device.type, order[0], name, status[order[0]].reason)
+            log.debug("wmkernels: %s on %s runs on backend %r", op, device, name)
             return name
     return "torch"
