@@ -271,7 +271,7 @@ def validate(cfg: TrainConfig) -> None:
     need(len(cfg.curriculum) > 0, "curriculum", "at least one stage")
     frame_mult = 1 if cfg.objective in ("next-frame", "reconstruction") else cfg.tubelet
     for i, s in enumerate(cfg.curriculum):
-        where = f"curriculum (stage {i + 1}: {s})"
+        where = f"curriculum: stage {i + 1} ({s})"
         if s.resolution < 1 or s.resolution % cfg.patch_size:
             raise ConfigError(f"{where}: resolution {s.resolution} is not a positive multiple of patch_size={cfg.patch_size}")
         if s.steps < 1:

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -204,16 +205,21 @@ class Trainer:
         loss_v, norm_v = torch.stack([loss, grad_norm.float().to(loss.device)]).tolist()
         lr = self.scheduler.get_last_lr()[0]
         bad = not math.isfinite(loss_v) or (not math.isfinite(norm_v) and not self.scaler.is_enabled())
+        skipped = bad
         if self.scaler.is_enabled():
             scale = self.scaler.get_scale()
             if not bad:
                 self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.counters["scaler_skipped"] += int(not bad and self.scaler.get_scale() < scale)
+            skipped = bad or self.scaler.get_scale() < scale
+            self.counters["scaler_skipped"] += int(skipped and not bad)
         elif not bad:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            if skipped:  # the schedule advances per iteration, also over a skipped step
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
         self.step += 1
         self.counters["nonfinite_skipped"] += int(bad)
         self.consecutive_bad = self.consecutive_bad + 1 if bad else 0

@@ -1,0 +1,292 @@
+"""The training driver: config, data, the four objectives, precision, resume, checkpoints, policies."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from wmkernels.train import ConfigError, Stage, Trainer, TrainingStopped, make_config, parse_args
+from wmkernels.train import checkpoint as ckpt_io
+from wmkernels.train.__main__ import main
+from wmkernels.train.config import build_parser
+from wmkernels.train.data import ClipFolder, DataError, DataSource, DataStream, SyntheticVideo, list_clips
+from wmkernels.train.loop import param_groups, warmup_cosine
+from wmkernels.train.models import set_grad_checkpointing
+from wmkernels.train.objectives import build_objective
+
+# Small and fast: 16 px, 4 frames, a few steps; the reference loss backend keeps runs independent
+# of the compiled extension (the loss ops have their own tests on every backend).
+SMALL = dict(
+    curriculum=[Stage(16, 4, 20)], batch_size=4, num_samples=64, lr=2e-3, warmup_steps=2, threads=1,
+    progress=False, tensorboard=False, log_every=2, eval_every=0, sample_every=0, ckpt_every=0, eval_batches=1,
+    loss_backend="torch", embed_dim=32, num_heads=2, decoder_dim=16, conv_width=8, proj_dim=16,
+)
+
+
+def config(tmp_path, **overrides):
+    return make_config({**SMALL, "out_dir": str(tmp_path), **overrides})
+
+
+def train(tmp_path, **overrides):
+    trainer = Trainer(config(tmp_path, **overrides))
+    return trainer, trainer.run()
+
+
+# ---- config ----
+
+def test_presets_file_and_cli_precedence(tmp_path):
+    assert make_config().preset == "tiny" and make_config().objective == "masked"
+    assert make_config(preset="small").embed_dim == 192
+    path = tmp_path / "run.yaml"
+    path.write_text("objective: next-frame\nlr: 0.002\ncurriculum:\n  - {resolution: 32, frames: 4, steps: 7}\n")
+    cfg = parse_args(["--config", str(path), "--lr", "0.003", "--no-progress"])
+    assert cfg.objective == "next-frame" and cfg.lr == 0.003 and cfg.progress is False
+    assert cfg.curriculum == [Stage(32, 4, 7)]
+    (tmp_path / "run.json").write_text(json.dumps({"batch-size": 3, "curriculum": "16x2x5,32x4x5"}))
+    cfg = make_config(file=str(tmp_path / "run.json"))
+    assert cfg.batch_size == 3 and cfg.curriculum == [Stage(16, 2, 5), Stage(32, 4, 5)]
+
+
+def test_steps_rescale_curriculum():
+    cfg = make_config({"curriculum": "16x4x100,32x4x60,32x8x40", "steps": 20})
+    assert [s.steps for s in cfg.stages()] == [10, 6, 4] and cfg.total_steps() == 20
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--lr", "-1"], "lr"),
+    (["--mask-ratio", "1.0"], "mask_ratio"),
+    (["--curriculum", "30x4x10"], "curriculum"),
+    (["--objective", "jepa"], "objective"),
+    (["--precision", "fp8"], "precision"),
+    (["--curriculum", "32x3x10"], "curriculum"),
+    (["--batch-size", "0"], "batch_size"),
+    (["--batch-size", "two"], "batch_size"),
+])
+def test_bad_config_names_the_option(argv, option, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    err = capsys.readouterr().err
+    assert f"{option}:" in err or f"--{option.replace('_', '-')}:" in err, err
+
+
+def test_bad_config_api_and_file(tmp_path):
+    with pytest.raises(ConfigError, match="^lr:"):
+        make_config({"lr": 0})
+    with pytest.raises(ConfigError, match="^learning_rate: unknown option"):
+        make_config({"learning_rate": 1e-3})
+    with pytest.raises(ConfigError, match="config: file"):
+        make_config(file=str(tmp_path / "missing.yaml"))
+
+
+def test_help_documents_every_option():
+    text = build_parser().format_help()
+    for flag in ("--objective", "--precision", "--grad-checkpointing", "--compile", "--resume", "--curriculum",
+                 "--wandb", "--mask-ratio", "--grad-accum", "--max-nonfinite", "--keep-last", "--data"):
+        assert flag in text
+
+
+# ---- data ----
+
+def test_synthetic_video_deterministic():
+    a, b = SyntheticVideo(8, 4, 16, seed=3), SyntheticVideo(8, 4, 16, seed=3)
+    clip, index = a[5]
+    assert clip.shape == (4, 3, 16, 16) and clip.dtype == torch.float32 and index == 5
+    assert torch.equal(clip, b[5][0])
+    assert not torch.equal(clip, a[6][0]) and not torch.equal(clip, SyntheticVideo(8, 4, 16, seed=4)[5][0])
+    assert 0 <= clip.min() and clip.max() <= 1
+    assert (clip[1:] - clip[:-1]).abs().sum() > 0  # things move
+
+
+def test_stream_shards_and_resumes():
+    ds = SyntheticVideo(12, 2, 8)
+    one = DataStream(ds, 2, 0, 1, seed=1)
+    full = next(one)[1].tolist() + next(one)[1].tolist()
+    s0, s1 = DataStream(ds, 1, 0, 2, seed=1), DataStream(ds, 1, 1, 2, seed=1)
+    shards = [next(s0)[1].item(), next(s1)[1].item(), next(s0)[1].item(), next(s1)[1].item()]
+    assert sorted(full) == sorted(shards)
+    stream = DataStream(ds, 4, 0, 1, seed=1)
+    seen = [next(stream)[1].tolist() for _ in range(5)]  # crosses an epoch (3 batches per epoch)
+    pos = stream.state()
+    resumed = DataStream(ds, 4, 0, 1, seed=1, **{"epoch": 0, "batch": 1})
+    assert [next(resumed)[1].tolist() for _ in range(4)] == seen[1:]
+    assert pos == {"epoch": 1, "batch": 2}
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        list_clips(str(tmp_path / "nope"))
+    with pytest.raises(DataError, match="no .mp4 or .npy"):
+        list_clips(str(tmp_path))
+    with pytest.raises(DataError, match="does not exist"):
+        Trainer(config(tmp_path / "run", data=str(tmp_path / "nope")))
+
+
+def test_npy_folder_skips_bad_clips(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.save(tmp_path / f"clip{i}.npy", rng.integers(0, 255, (10, 20, 24, 3), dtype=np.uint8))
+    np.save(tmp_path / "short.npy", rng.random((2, 20, 24, 3), dtype=np.float32))
+    (tmp_path / "broken.npy").write_bytes(b"not a numpy file")
+    files = list_clips(str(tmp_path))
+    ds = ClipFolder(files, frames=4, resolution=16, frame_stride=2)
+    assert len(ds) == 4 and ds.skipped == 2
+    assert "skipped 2 of 6 clips (1 unreadable, 1 shorter than 7 frames)" in caplog.text
+    clip, _ = ds[1]
+    assert clip.shape == (4, 3, 16, 16) and 0 <= clip.min() and clip.max() <= 1
+    with pytest.raises(DataError, match="none of 6 clips is usable"):
+        ClipFolder(files, frames=20, resolution=16)
+    cfg = config(tmp_path / "run", data=str(tmp_path), curriculum=[Stage(16, 4, 2)], batch_size=1)
+    train_set, held = DataSource(cfg).datasets(4, 16)
+    assert len(train_set) + len(held) == 4
+
+
+def test_mp4_folder(tmp_path):
+    av = pytest.importorskip("av")
+    with av.open(str(tmp_path / "a.mp4"), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
+        for i in range(12):
+            img = np.full((24, 32, 3), i * 20, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    ds = ClipFolder(list_clips(str(tmp_path)), frames=4, resolution=16, frame_stride=2)
+    clip, _ = ds[0]
+    assert clip.shape == (4, 3, 16, 16)
+    assert (clip[1:].mean((1, 2, 3)) > clip[:-1].mean((1, 2, 3))).all()  # frames brighten over time
+
+
+# ---- objectives and optimization ----
+
+@pytest.mark.parametrize("objective", ["masked", "next-frame", "reconstruction", "contrastive"])
+def test_objective_loss_falls(tmp_path, objective):
+    _, out = train(tmp_path, objective=objective)
+    losses = [h["loss"] for h in out["history"]]
+    assert len(losses) == 10 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:2]), losses
+    assert set(out["eval"]) == ({"loss", "accuracy"} if objective == "contrastive" else {"loss", "psnr"})
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_runs(tmp_path, precision):
+    _, out = train(tmp_path, precision=precision, curriculum=[Stage(16, 4, 4)])
+    assert all(np.isfinite(h["loss"]) for h in out["history"])
+    assert ("scaler_scale" in out["history"][-1]) == (precision == "fp16")
+    assert out["nonfinite_skipped"] == 0
+
+
+def test_grad_accumulation_and_checkpointing_same_step(tmp_path):
+    """2 micro-batches of 2 with grad checkpointing == 1 batch of 4 without (same samples, same math)."""
+    a, out_a = train(tmp_path / "a", curriculum=[Stage(16, 4, 3)], batch_size=4, log_every=1)
+    b, out_b = train(tmp_path / "b", curriculum=[Stage(16, 4, 3)], batch_size=2, grad_accum=2, log_every=1,
+                     grad_checkpointing=True)
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([h[key] for h in out_b["history"]], [h[key] for h in out_a["history"]], rtol=1e-4)
+
+
+def test_grad_checkpointing_same_gradients():
+    cfg = make_config({**SMALL, "objective": "reconstruction"})
+    video = torch.rand(2, 4, 3, 16, 16)
+    grads = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        objective = build_objective(cfg)
+        set_grad_checkpointing(objective, enabled)
+        objective(video, [0, 1], 0).backward()
+        grads.append([p.grad for p in objective.parameters()])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+
+
+def test_param_groups_and_schedule():
+    cfg = make_config({**SMALL, "objective": "masked"})
+    groups = param_groups(build_objective(cfg), 0.05)
+    objective = build_objective(cfg)
+    names = {id(p): n for n, p in objective.named_parameters()}
+    no_decay = {names[id(p)] for p in param_groups(objective, 0.05)[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert {"model.mask_token", "model.pos.pos_embed_t", "model.patch_embed.bias", "model.encoder.norm.weight"} <= no_decay
+    assert "model.patch_embed.weight" not in no_decay
+    f = warmup_cosine(10, 110, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+
+
+def test_nonfinite_policy_stops_with_good_checkpoint(tmp_path):
+    trainer = Trainer(config(tmp_path, max_nonfinite=3))
+    initial = {k: v.clone() for k, v in trainer.objective.state_dict().items()}
+    forward = trainer.runner.forward
+    trainer.runner.forward = lambda *a: forward(*a) * float("nan")
+    with pytest.raises(TrainingStopped, match="3 non-finite steps in a row"):
+        trainer.run()
+    state = ckpt_io.load(ckpt_io.CheckpointManager(str(tmp_path)).latest())
+    assert state["step"] == 3 and state["counters"]["nonfinite_skipped"] == 3
+    for k, v in state["model"].items():
+        assert torch.equal(v, initial[k]), k
+
+
+# ---- checkpoints and resume ----
+
+def test_resume_is_bitwise_identical(tmp_path):
+    """Interrupted at step 5 (mid-epoch, before a stage change and an epoch boundary) and resumed
+    in a fresh trainer: the same parameters, optimizer state and losses as the uninterrupted run."""
+    common = dict(curriculum=[Stage(16, 4, 7), Stage(16, 8, 5)], num_samples=24, ckpt_every=5, log_every=1,
+                  keep_last=5)
+    full, out_full = train(tmp_path / "full", **common)
+    resumed, out_res = train(tmp_path / "res", resume=str(tmp_path / "full" / "ckpt_00000005.pt"), **common)
+    assert out_res["step"] == out_full["step"] == 12
+    assert [h["loss"] for h in out_res["history"]] == [h["loss"] for h in out_full["history"]][5:]
+    for k, v in full.objective.state_dict().items():
+        assert torch.equal(v, resumed.objective.state_dict()[k]), k
+    for a, b in zip(full.optimizer.state.values(), resumed.optimizer.state.values()):
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def test_resume_auto_and_config_mismatch(tmp_path):
+    train(tmp_path, curriculum=[Stage(16, 4, 3)])
+    trainer = Trainer(config(tmp_path, curriculum=[Stage(16, 4, 3)], resume="auto"))
+    assert trainer.step == 3
+    with pytest.raises(ckpt_io.CheckpointError, match="embed_dim=32 in the checkpoint, 64 now"):
+        Trainer(config(tmp_path, resume="auto", embed_dim=64))
+    with pytest.raises(ckpt_io.CheckpointError, match="not found"):
+        Trainer(config(tmp_path, resume=str(tmp_path / "nope.pt")))
+    assert Trainer(config(tmp_path / "empty", resume="auto")).step == 0
+
+
+def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    manager = ckpt_io.CheckpointManager(str(tmp_path), keep_last=2)
+    manager.save({"step": 1, "w": torch.ones(3)}, 1)
+
+    def killed(obj, f):
+        f.write(b"partial checkpoint bytes")
+        raise KeyboardInterrupt  # the process dies mid-write
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        manager.save({"step": 2, "w": torch.zeros(3)}, 2)
+    monkeypatch.undo()
+    assert manager.latest() == manager.path(1)
+    assert torch.equal(ckpt_io.load(manager.latest())["w"], torch.ones(3))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_00000001.pt", "latest"]
+    for step in (2, 3, 4):
+        manager.save({"step": step}, step)
+    assert [os.path.basename(p) for p in manager.checkpoints()] == ["ckpt_00000003.pt", "ckpt_00000004.pt"]
+
+
+# ---- the command line ----
+
+def test_main_writes_checkpoint_metrics_and_sample(tmp_path):
+    rc = main(["--out-dir", str(tmp_path), "--curriculum", "16x4x4,32x4x2", "--batch-size", "2",
+               "--loss-backend", "torch", "--eval-every", "3", "--sample-every", "3", "--ckpt-every", "3",
+               "--log-every", "2", "--embed-dim", "32", "--num-heads", "2", "--decoder-dim", "16"])
+    assert rc == 0
+    files = sorted(os.listdir(tmp_path))
+    assert {"ckpt_00000003.pt", "ckpt_00000006.pt", "latest", "metrics.jsonl", "samples", "tb"} <= set(files)
+    assert sorted(os.listdir(tmp_path / "samples")) == ["sample_00000003.gif", "sample_00000006.gif"]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert {"loss", "lr", "grad_norm", "samples_per_s", "data_time_share", "peak_memory_mb"} <= set(train_rows[0])
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [3, 6]
+    assert main(["--out-dir", str(tmp_path / "x"), "--data", str(tmp_path / "missing")]) == 2
