@@ -1,112 +1,230 @@
 // Contrastive (InfoNCE) sweep on CPU: logits = scale * a @ b.T recomputed tile by tile, never B x B.
-// Forward: per-row (and per-column when symmetric) online max-stable logsumexp, max and argmax in
-// one sweep over (row tile, column tile) pairs. Backward: recomputes each tile, forms the softmax
-// part of d loss / d logits, G = g_row P + g_col Q, and accumulates G @ b and G.T @ a.
-// Each tile is an ATen matmul (MKL/oneDNN, all cores) plus vectorized elementwise passes over a
-// tile-sized buffer; extra memory is three tile buffers plus O(B) statistics. a, b are the
-// prepared (normalized, fp32/fp64, contiguous) rows; label and smoothing terms are O(B D) and
-// handled by the caller.
+// Forward: per-row (and per-column when symmetric) max-stable logsumexp, max and argmax, merged
+// online across tiles, both directions from the same tile. Backward: recomputes each tile, turns
+// it in place into the softmax part of d loss / d logits, G = g_row P + g_col Q, and accumulates
+// G @ b and G.T @ a. Each tile is an ATen matmul (all cores) plus fused, vectorized passes over
+// the tile while it is in cache (2 exps per logit forward, 2 backward). Extra memory: one tile
+// buffer plus O(B) statistics. a, b are the prepared (normalized, fp32/fp64, contiguous) rows;
+// the label and smoothing terms are O(B D) and handled by the caller.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 
 namespace wmkernels {
 namespace {
 
-struct Online {
-  at::Tensor m, s, arg;  // running max, sum of exp(x - m), argmax
-};
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define WMK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define WMK_CLONES
+#endif
+#define WMK_INLINE inline __attribute__((always_inline))
 
-Online online_init(int64_t n, const at::TensorOptions& opt) {
-  return {at::full({n}, -std::numeric_limits<double>::infinity(), opt), at::zeros({n}, opt),
-          at::zeros({n}, opt.dtype(at::kLong))};
+// exp for fp32 in plain arithmetic so the compiler vectorizes it: Cody-Waite reduction
+// x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-6 polynomial (about 1 ulp), 2^n from the exponent
+// bits. GCC vectorizes the loops using it in the avx512f clones. Inputs here are logit - max <= 0; below -87 the result is the smallest normal, which no
+// sum of at least exp(0) = 1 notices.
+WMK_INLINE float exp_acc(float x) {
+  x = std::max(std::min(x, 88.0f), -87.0f);
+  // round to nearest by adding and removing 1.5 * 2^23 (no floor call: that would stop vectorization)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return y * __builtin_bit_cast(float, bits);
+}
+WMK_INLINE double exp_acc(double x) { return std::exp(x); }
+
+// Row pass: scales the row in place and returns its max; the argmax is the first index of it.
+template <typename T>
+WMK_INLINE T scale_max_impl(T* x, int64_t n, T s) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] *= s;
+    m = x[j] > m ? x[j] : m;
+  }
+  return m;
+}
+template <typename T>
+WMK_INLINE T exp_sum_impl(const T* x, int64_t n, T m) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += exp_acc(x[j] - m);
+  return acc;
+}
+// Column pass over one row of the tile: running column max / first argmax, then exp sums.
+template <typename T>
+WMK_INLINE void col_max_impl(const T* x, int64_t n, T* cm, int64_t* carg, int64_t row) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const bool up = x[j] > cm[j];
+    cm[j] = up ? x[j] : cm[j];
+    carg[j] = up ? row : carg[j];
+  }
+}
+template <typename T>
+WMK_INLINE void col_exp_impl(const T* x, int64_t n, const T* cm, T* cs) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) cs[j] += exp_acc(x[j] - cm[j]);
+}
+// Backward: x <- g_r exp(s x - lse_r) [+ g_c[j] exp(s x - lse_c[j])], in place.
+template <typename T, bool SYM>
+WMK_INLINE void grad_row_impl(T* x, int64_t n, T s, T lse_r, T g_r, const T* lse_c, const T* g_c) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = s * x[j];
+    T g = g_r * exp_acc(v - lse_r);
+    if constexpr (SYM) g += g_c[j] * exp_acc(v - lse_c[j]);
+    x[j] = g;
+  }
 }
 
-// Merges one tile into the running statistics along `dim` (1: rows, 0: columns). `st` holds views
-// into the full-length statistics, updated in place; `offset` turns tile indices into global ones.
-void online_update(Online& st, const at::Tensor& tile, int64_t dim, int64_t offset, at::Tensor& buf) {
-  auto [tmax, targ] = tile.max(dim);
-  const at::Tensor upd = tmax > st.m;  // strict: ties keep the earlier (first) index, like argmax
-  st.arg.copy_(at::where(upd, targ + offset, st.arg));
-  const at::Tensor new_m = at::maximum(st.m, tmax);
-  at::sub_out(buf, tile, dim == 1 ? new_m.unsqueeze(1) : new_m.unsqueeze(0));
-  buf.exp_();
-  st.s.mul_((st.m - new_m).exp_()).add_(buf.sum(dim));
-  st.m.copy_(new_m);
+#define WMK_KERNELS(T)                                                                                   \
+  WMK_CLONES T scale_max(T* x, int64_t n, T s) { return scale_max_impl<T>(x, n, s); }                    \
+  WMK_CLONES T exp_sum(const T* x, int64_t n, T m) { return exp_sum_impl<T>(x, n, m); }                  \
+  WMK_CLONES void col_max(const T* x, int64_t n, T* cm, int64_t* carg, int64_t row) {                    \
+    col_max_impl<T>(x, n, cm, carg, row);                                                                \
+  }                                                                                                      \
+  WMK_CLONES void col_exp(const T* x, int64_t n, const T* cm, T* cs) { col_exp_impl<T>(x, n, cm, cs); }  \
+  WMK_CLONES void grad_row(T* x, int64_t n, T s, T lr, T gr, const T* lc, const T* gc, bool sym) {       \
+    if (sym) {                                                                                           \
+      grad_row_impl<T, true>(x, n, s, lr, gr, lc, gc);                                                   \
+    } else {                                                                                             \
+      grad_row_impl<T, false>(x, n, s, lr, gr, lc, gc);                                                  \
+    }                                                                                                    \
+  }
+WMK_KERNELS(float)
+WMK_KERNELS(double)
+
+constexpr int64_t kColChunk = 128;  // columns per task in the column pass: ti x 128 stays in L2
+
+template <typename T>
+int64_t first_index(const T* x, int64_t n, T m) {
+  for (int64_t j = 0; j < n; ++j)
+    if (x[j] == m) return j;
+  return 0;
+}
+
+// Merges one scaled tile S (ti x tj, row stride ld) into the running row statistics of its rows.
+template <typename T>
+void rows_update(T* S, int64_t ti, int64_t tj, int64_t ld, T s, int64_t j0, T* rm, T* rs, int64_t* rarg) {
+  at::parallel_for(0, ti, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      T* x = S + i * ld;
+      const T tmax = scale_max(x, tj, s);
+      const T m = std::max(rm[i], tmax);
+      const T sum = exp_sum(x, tj, m);
+      if (tmax > rm[i]) rarg[i] = j0 + first_index(x, tj, tmax);
+      rs[i] = rs[i] * exp_acc(rm[i] - m) + sum;
+      rm[i] = m;
+    }
+  });
+}
+
+// Merges the (already scaled) tile into the running statistics of its columns.
+template <typename T>
+void cols_update(const T* S, int64_t ti, int64_t tj, int64_t ld, int64_t i0, T* cm, T* cs, int64_t* carg) {
+  const int64_t chunks = (tj + kColChunk - 1) / kColChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    T tm[kColChunk];
+    int64_t targ[kColChunk];
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t c0 = c * kColChunk, w = std::min(kColChunk, tj - c0);
+      std::fill(tm, tm + w, -std::numeric_limits<T>::infinity());
+      for (int64_t i = 0; i < ti; ++i) col_max(S + i * ld + c0, w, tm, targ, i);
+      for (int64_t j = 0; j < w; ++j) {
+        const T m = std::max(cm[c0 + j], tm[j]);
+        if (tm[j] > cm[c0 + j]) carg[c0 + j] = i0 + targ[j];
+        cs[c0 + j] *= exp_acc(cm[c0 + j] - m);
+        cm[c0 + j] = m;
+      }
+      for (int64_t i = 0; i < ti; ++i) col_exp(S + i * ld + c0, w, cm + c0, cs + c0);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sweep_fwd_cpu(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, bool symmetric, int64_t tile) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1), "contrastive_sweep_fwd: bad shapes");
-  const int64_t M = a.size(0), N = b.size(0);
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) && a.is_contiguous() && b.is_contiguous() &&
+                  a.scalar_type() == b.scalar_type(),
+              "contrastive_sweep_fwd: expected contiguous (M, D), (N, D) rows of one dtype");
+  const int64_t M = a.size(0), N = b.size(0), T = std::max<int64_t>(tile, 1);
   const auto opt = a.options();
-  const double s = scale.item<double>();
-  Online row = online_init(M, opt);
-  Online col = symmetric ? online_init(N, opt) : Online{};
-  const int64_t T = std::max<int64_t>(tile, 1);
-  at::Tensor logits_buf = at::empty({std::min(T, M), std::min(T, N)}, opt);
-  at::Tensor exp_buf = at::empty_like(logits_buf);
-  for (int64_t i0 = 0; i0 < M; i0 += T) {
-    const int64_t ti = std::min(T, M - i0);
-    const at::Tensor ai = a.narrow(0, i0, ti);
-    Online r{row.m.narrow(0, i0, ti), row.s.narrow(0, i0, ti), row.arg.narrow(0, i0, ti)};
-    for (int64_t j0 = 0; j0 < N; j0 += T) {
-      const int64_t tj = std::min(T, N - j0);
-      at::Tensor S = logits_buf.narrow(0, 0, ti).narrow(1, 0, tj);
-      at::Tensor E = exp_buf.narrow(0, 0, ti).narrow(1, 0, tj);
-      at::mm_out(S, ai, b.narrow(0, j0, tj).t());
-      S.mul_(s);
-      online_update(r, S, 1, j0, E);
-      if (symmetric) {
-        Online c{col.m.narrow(0, j0, tj), col.s.narrow(0, j0, tj), col.arg.narrow(0, j0, tj)};
-        online_update(c, S, 0, i0, E);
+  const double inf = std::numeric_limits<double>::infinity();
+  at::Tensor rm = at::full({M}, -inf, opt), rs = at::zeros({M}, opt), rarg = at::zeros({M}, opt.dtype(at::kLong));
+  at::Tensor cm = at::full({symmetric ? N : 0}, -inf, opt), cs = at::zeros({symmetric ? N : 0}, opt);
+  at::Tensor carg = at::zeros({symmetric ? N : 0}, opt.dtype(at::kLong));
+  at::Tensor buf = at::empty({std::min(T, M), std::min(T, N)}, opt);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "contrastive_sweep_fwd", [&] {
+    const scalar_t s = scale.item<double>();
+    for (int64_t i0 = 0; i0 < M; i0 += T) {
+      const int64_t ti = std::min(T, M - i0);
+      const at::Tensor ai = a.narrow(0, i0, ti);
+      for (int64_t j0 = 0; j0 < N; j0 += T) {
+        const int64_t tj = std::min(T, N - j0);
+        at::Tensor S = buf.narrow(0, 0, ti).narrow(1, 0, tj);
+        at::mm_out(S, ai, b.narrow(0, j0, tj).t());
+        scalar_t* sp = buf.data_ptr<scalar_t>();
+        const int64_t ld = buf.size(1);
+        rows_update<scalar_t>(sp, ti, tj, ld, s, j0, rm.data_ptr<scalar_t>() + i0, rs.data_ptr<scalar_t>() + i0,
+                              rarg.data_ptr<int64_t>() + i0);
+        if (symmetric)
+          cols_update<scalar_t>(sp, ti, tj, ld, i0, cm.data_ptr<scalar_t>() + j0, cs.data_ptr<scalar_t>() + j0,
+                                carg.data_ptr<int64_t>() + j0);
       }
     }
-  }
-  at::Tensor lse_r = row.m + row.s.log();
-  if (!symmetric) {
-    at::Tensor e = at::empty({0}, opt);
-    return {lse_r, row.m, row.arg, e, e.clone(), e.to(at::kLong)};
-  }
-  return {lse_r, row.m, row.arg, col.m + col.s.log(), col.m, col.arg};
+  });
+  return {rm + rs.log(), rm, rarg, cm + cs.log(), cm, carg};
 }
 
 std::tuple<at::Tensor, at::Tensor> contrastive_sweep_bwd_cpu(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& lse_r,
     const at::Tensor& lse_c, const at::Tensor& g_r, const at::Tensor& g_c, bool symmetric, int64_t tile) {
-  const int64_t M = a.size(0), N = b.size(0);
-  const auto opt = a.options();
-  const double s = scale.item<double>();
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && lse_r.is_contiguous() && g_r.is_contiguous() &&
+                  (!symmetric || (lse_c.is_contiguous() && g_c.is_contiguous())),
+              "contrastive_sweep_bwd: expected contiguous inputs");
+  const int64_t M = a.size(0), N = b.size(0), T = std::max<int64_t>(tile, 1);
   at::Tensor ga = at::zeros_like(a), gb = at::zeros_like(b);
-  const int64_t T = std::max<int64_t>(tile, 1);
-  at::Tensor logits_buf = at::empty({std::min(T, M), std::min(T, N)}, opt);
-  at::Tensor g_buf = at::empty_like(logits_buf);
-  at::Tensor q_buf = symmetric ? at::empty_like(logits_buf) : at::Tensor();
-  for (int64_t i0 = 0; i0 < M; i0 += T) {
-    const int64_t ti = std::min(T, M - i0);
-    const at::Tensor ai = a.narrow(0, i0, ti);
-    at::Tensor ga_i = ga.narrow(0, i0, ti);
-    const at::Tensor lr = lse_r.narrow(0, i0, ti).unsqueeze(1), gr = g_r.narrow(0, i0, ti).unsqueeze(1);
-    for (int64_t j0 = 0; j0 < N; j0 += T) {
-      const int64_t tj = std::min(T, N - j0);
-      const at::Tensor bj = b.narrow(0, j0, tj);
-      at::Tensor S = logits_buf.narrow(0, 0, ti).narrow(1, 0, tj);
-      at::Tensor G = g_buf.narrow(0, 0, ti).narrow(1, 0, tj);
-      at::mm_out(S, ai, bj.t());
-      S.mul_(s);
-      at::sub_out(G, S, lr);
-      G.exp_().mul_(gr);  // g_row_i * P_ij
-      if (symmetric) {
-        at::Tensor Q = q_buf.narrow(0, 0, ti).narrow(1, 0, tj);
-        at::sub_out(Q, S, lse_c.narrow(0, j0, tj).unsqueeze(0));
-        Q.exp_().mul_(g_c.narrow(0, j0, tj).unsqueeze(0));
-        G.add_(Q);
+  at::Tensor buf = at::empty({std::min(T, M), std::min(T, N)}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "contrastive_sweep_bwd", [&] {
+    const scalar_t s = scale.item<double>();
+    const scalar_t* lr = lse_r.data_ptr<scalar_t>();
+    const scalar_t* gr = g_r.data_ptr<scalar_t>();
+    const scalar_t* lc = symmetric ? lse_c.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gc = symmetric ? g_c.data_ptr<scalar_t>() : nullptr;
+    for (int64_t i0 = 0; i0 < M; i0 += T) {
+      const int64_t ti = std::min(T, M - i0);
+      const at::Tensor ai = a.narrow(0, i0, ti);
+      at::Tensor ga_i = ga.narrow(0, i0, ti);
+      for (int64_t j0 = 0; j0 < N; j0 += T) {
+        const int64_t tj = std::min(T, N - j0);
+        const at::Tensor bj = b.narrow(0, j0, tj);
+        at::Tensor S = buf.narrow(0, 0, ti).narrow(1, 0, tj);
+        at::mm_out(S, ai, bj.t());
+        scalar_t* sp = buf.data_ptr<scalar_t>();
+        const int64_t ld = buf.size(1);
+        at::parallel_for(0, ti, 16, [&](int64_t lo, int64_t hi) {
+          for (int64_t i = lo; i < hi; ++i)
+            grad_row(sp + i * ld, tj, s, lr[i0 + i], gr[i0 + i], symmetric ? lc + j0 : nullptr,
+                     symmetric ? gc + j0 : nullptr, symmetric);
+        });
+        ga_i.addmm_(S, bj);
+        gb.narrow(0, j0, tj).addmm_(S.t(), ai);
       }
-      ga_i.addmm_(G, bj);
-      gb.narrow(0, j0, tj).addmm_(G.t(), ai);
     }
-  }
+  });
   return {ga, gb};
 }
 

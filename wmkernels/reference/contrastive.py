@@ -17,7 +17,7 @@ def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def prepare(z: torch.Tensor, normalize: bool, acc: torch.dtype) -> torch.Tensor:
     """The rows the logits are built from: `z` in `acc` precision, L2-normalized when asked."""
     z = z.to(acc)
-    return F.normalize(z, dim=1, eps=EPS) if normalize else z.contiguous()
+    return (F.normalize(z, dim=1, eps=EPS) if normalize else z).contiguous()
 
 
 def normalize_backward(dy: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
