@@ -67,21 +67,35 @@ Stats<acc_t> stats_of(const c10::optional<at::Tensor>& mean, const c10::optional
           std.has_value() ? std->const_data_ptr<acc_t>() : nullptr};
 }
 
-// buf[((i * ph + j) * pw + k) * C + c] = (video[b, c, t0 + i, h0 + j, w0 + k] - mean[c]) / std[c]
+// Patches are loaded in groups of consecutive rows, and within a group one (c, i, j) image row
+// at a time across the group's patches: neighbouring tokens (ids are usually sorted) then read
+// neighbouring stretches of the same image row, a stream the hardware prefetchers follow,
+// instead of pt*ph*C short runs scattered over the video per patch.
+constexpr int64_t kGroup = 16;
+
+// buf[g][((i * ph + j) * pw + k) * C + c] = (video[origin[g] + c, i, j, k] - mean[c]) / std[c]
+// for g < count with origin[g] >= 0 (patches of rows to skip are left untouched).
 template <typename v_t, typename acc_t>
-inline void load_patch(const v_t* v, const Geom& g, int64_t b, int64_t n, Stats<acc_t> s, acc_t* buf) {
-  const v_t* p0 = v + g.origin(b, n);
+inline void load_patches(const v_t* v, const Geom& g, const int64_t* origin, int64_t count, Stats<acc_t> s,
+                         acc_t* buf) {
+  const int64_t P = g.P();
+  const bool norm = s.mean || s.std;
   for (int64_t c = 0; c < g.C; ++c) {
     const acc_t m = s.mean ? s.mean[c] : acc_t(0);
     const acc_t sd = s.std ? s.std[c] : acc_t(1);
     for (int64_t i = 0; i < g.pt; ++i) {
       for (int64_t j = 0; j < g.ph; ++j) {
-        const v_t* row = p0 + c * g.sc + i * g.st + j * g.sh;
-        acc_t* o = buf + (i * g.ph + j) * g.pw * g.C + c;
-        if (s.mean || s.std) {
-          for (int64_t k = 0; k < g.pw; ++k) o[k * g.C] = (static_cast<acc_t>(row[k * g.sw]) - m) / sd;
-        } else {
-          for (int64_t k = 0; k < g.pw; ++k) o[k * g.C] = static_cast<acc_t>(row[k * g.sw]);
+        const int64_t src_off = c * g.sc + i * g.st + j * g.sh;
+        const int64_t dst_off = (i * g.ph + j) * g.pw * g.C + c;
+        for (int64_t q = 0; q < count; ++q) {
+          if (origin[q] < 0) continue;
+          const v_t* row = v + origin[q] + src_off;
+          acc_t* o = buf + q * P + dst_off;
+          if (norm) {
+            for (int64_t k = 0; k < g.pw; ++k) o[k * g.C] = (static_cast<acc_t>(row[k * g.sw]) - m) / sd;
+          } else {
+            for (int64_t k = 0; k < g.pw; ++k) o[k * g.C] = static_cast<acc_t>(row[k * g.sw]);
+          }
         }
       }
     }
@@ -146,12 +160,15 @@ at::Tensor masked_gather_cpu(const at::Tensor& video, const at::Tensor& ids, at:
       WM_DISPATCH_FLOAT(out_dtype, "masked_gather_o", [&] {
         using o_t = scalar_t;
         o_t* op = out.mutable_data_ptr<o_t>();
-        at::parallel_for(0, B * K, 16, [&](int64_t r0, int64_t r1) {
-          std::vector<acc_t> buf(P);
-          for (int64_t r = r0; r < r1; ++r) {
-            load_patch<v_t, acc_t>(vp, g, r / K, ip[r], s, buf.data());
-            o_t* o = op + r * P;
-            for (int64_t i = 0; i < P; ++i) o[i] = static_cast<o_t>(buf[i]);
+        at::parallel_for(0, B * K, kGroup, [&](int64_t r0, int64_t r1) {
+          std::vector<acc_t> buf(kGroup * P);
+          int64_t origin[kGroup];
+          for (int64_t q0 = r0; q0 < r1; q0 += kGroup) {
+            const int64_t count = std::min(kGroup, r1 - q0);
+            for (int64_t q = 0; q < count; ++q) origin[q] = g.origin((q0 + q) / K, ip[q0 + q]);
+            load_patches<v_t, acc_t>(vp, g, origin, count, s, buf.data());
+            o_t* o = op + q0 * P;
+            for (int64_t i = 0; i < count * P; ++i) o[i] = static_cast<o_t>(buf[i]);
           }
         });
       });
@@ -209,9 +226,11 @@ inline void normalize(acc_t* buf, int64_t P, int64_t C, const LossArgs& a, acc_t
   for (int64_t c = 0; c < groups; ++c) {
     acc_t* x = buf + c;
     acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < n; ++i) sum += x[i * stride];
     const acc_t mu = sum / static_cast<acc_t>(n);
     acc_t ss = 0;
+#pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < n; ++i) {
       const acc_t d = x[i * stride] - mu;
       ss += d * d;
@@ -225,6 +244,7 @@ inline void normalize(acc_t* buf, int64_t P, int64_t C, const LossArgs& a, acc_t
       iv = acc_t(1) / std::sqrt(var + static_cast<acc_t>(a.eps));
     }
     inv[c] = iv;
+#pragma omp simd
     for (int64_t i = 0; i < n; ++i) x[i * stride] = (x[i * stride] - mu) * iv;
   }
 }
@@ -241,6 +261,7 @@ inline void normalize_backward(acc_t* gy, const acc_t* y, int64_t P, int64_t C, 
     acc_t* g = gy + c;
     const acc_t* yy = y + c;
     acc_t sg = 0, dot = 0;
+#pragma omp simd reduction(+ : sg, dot)
     for (int64_t i = 0; i < n; ++i) {
       sg += g[i * stride];
       dot += g[i * stride] * yy[i * stride];
@@ -264,35 +285,45 @@ template <typename p_t, typename v_t, typename acc_t>
 void loss_rows(const p_t* pred, const v_t* video, const Geom& g, const int64_t* ids, const bool* mask, int64_t R,
                Stats<acc_t> s, const LossArgs& a, double* row_loss, p_t* gp, acc_t grad_scale, acc_t* gx) {
   const int64_t P = g.P(), C = g.C;
-  at::parallel_for(0, g.B * R, 8, [&](int64_t r0, int64_t r1) {
-    std::vector<acc_t> y(P), work(P), inv(C), sigma(C);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / R;
-      const bool skip = mask && !mask[r];
-      if (skip) {
-        if (row_loss) row_loss[r] = 0.0;
-        if (gp) std::fill(gp + r * P, gp + (r + 1) * P, static_cast<p_t>(0));
-        continue;
+  at::parallel_for(0, g.B * R, kGroup, [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> ys(kGroup * P), work(P), inv(C), sigma(C);
+    int64_t origin[kGroup];
+    for (int64_t q0 = r0; q0 < r1; q0 += kGroup) {
+      const int64_t count = std::min(kGroup, r1 - q0);
+      for (int64_t q = 0; q < count; ++q) {
+        const int64_t r = q0 + q;
+        origin[q] = (mask && !mask[r]) ? -1 : g.origin(r / R, ids ? ids[r] : r % R);
       }
-      const int64_t n = ids ? ids[r] : r % R;
-      load_patch<v_t, acc_t>(video, g, b, n, s, y.data());
-      normalize<acc_t>(y.data(), P, C, a, inv.data(), sigma.data());
-      const p_t* pr = pred + r * P;
-      acc_t sum = 0;
-      for (int64_t i = 0; i < P; ++i) {
-        const acc_t d = static_cast<acc_t>(pr[i]) - y[i];
-        sum += d * d;
-        work[i] = d;
-      }
-      if (row_loss) row_loss[r] = static_cast<double>(sum) / static_cast<double>(P);
-      if (gp) {
-        p_t* o = gp + r * P;
-        for (int64_t i = 0; i < P; ++i) o[i] = static_cast<p_t>(grad_scale * work[i]);
-      }
-      if (gx) {
-        for (int64_t i = 0; i < P; ++i) work[i] = -grad_scale * work[i];
-        normalize_backward<acc_t>(work.data(), y.data(), P, C, a, inv.data(), sigma.data());
-        std::copy(work.begin(), work.end(), gx + r * P);
+      load_patches<v_t, acc_t>(video, g, origin, count, s, ys.data());
+      for (int64_t q = 0; q < count; ++q) {
+        const int64_t r = q0 + q;
+        if (origin[q] < 0) {
+          if (row_loss) row_loss[r] = 0.0;
+          if (gp) std::fill(gp + r * P, gp + (r + 1) * P, static_cast<p_t>(0));
+          continue;
+        }
+        acc_t* yp = ys.data() + q * P;
+        acc_t* wp = work.data();
+        normalize<acc_t>(yp, P, C, a, inv.data(), sigma.data());
+        const p_t* pr = pred + r * P;
+        acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < P; ++i) {
+          const acc_t d = static_cast<acc_t>(pr[i]) - yp[i];
+          sum += d * d;
+          wp[i] = d;
+        }
+        if (row_loss) row_loss[r] = static_cast<double>(sum) / static_cast<double>(P);
+        if (gp) {
+          p_t* o = gp + r * P;
+#pragma omp simd
+          for (int64_t i = 0; i < P; ++i) o[i] = static_cast<p_t>(grad_scale * wp[i]);
+        }
+        if (gx) {
+          for (int64_t i = 0; i < P; ++i) wp[i] = -grad_scale * wp[i];
+          normalize_backward<acc_t>(wp, yp, P, C, a, inv.data(), sigma.data());
+          std::copy(wp, wp + P, gx + r * P);
+        }
       }
     }
   });
