@@ -216,3 +216,108 @@ def test_repeated_labels_allowed_one_direction(backend):
     labels = torch.tensor([0, 0, 1, 1, 5, 5])
     loss = wmkernels.contrastive_loss(z1, z2, labels=labels, symmetric=False, backend=backend)
     assert_close(loss, reference(z1, z2, 1 / 0.07, labels=labels, symmetric=False), torch.float64)
+
+
+# --- distributed: gloo on CPU, 2 and 3 processes --------------------------------------------------
+
+DIST_ROWS, DIST_IN, DIST_DIM = 8, 12, 16
+DIST_CONFIGS = [  # (mode, symmetric, label_smoothing, custom labels, reduction)
+    ("gather", True, 0.0, False, "mean"),
+    ("gather", False, 0.1, True, "mean"),
+    ("gather", True, 0.1, True, "mean"),
+    ("ring", True, 0.0, False, "mean"),
+    ("ring", True, 0.1, True, "mean"),
+    ("ring", False, 0.0, True, "mean"),
+]
+
+
+class _Tower(torch.nn.Module):
+    """A linear encoder for both views and a CLIP log-space logit scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(DIST_IN, DIST_DIM, dtype=torch.float64)
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), dtype=torch.float64))
+
+    def forward(self, x1, x2):
+        return self.proj(x1), self.proj(x2 + 0.1), self.log_scale.exp()
+
+
+def _dist_data(world):
+    g = torch.Generator().manual_seed(world)
+    n = world * DIST_ROWS
+    x1 = torch.randn(n, DIST_IN, generator=g, dtype=torch.float64)
+    x2 = x1 + 0.3 * torch.randn(n, DIST_IN, generator=g, dtype=torch.float64)
+    perm = torch.randperm(n, generator=g)
+    return x1, x2[torch.argsort(perm)], perm
+
+
+def _model():
+    torch.manual_seed(0)
+    return _Tower()
+
+
+def _dist_worker(rank, world, port, backend, out_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    group = dist.new_group(list(range(world)))  # the loss's collectives on a group of their own
+    x1, x2, perm = _dist_data(world)
+    rows = slice(rank * DIST_ROWS, (rank + 1) * DIST_ROWS)
+    results = []
+    for mode, symmetric, eps, custom, reduction in DIST_CONFIGS:
+        model = DDP(_model())
+        z1, z2, scale = model(x1[rows], x2[rows])
+        res = wmkernels.contrastive_loss(
+            z1, z2, logit_scale=scale, symmetric=symmetric, label_smoothing=eps, labels=perm[rows] if custom else None,
+            distributed=mode, reduction=reduction, group=group, return_accuracy=True, backend=backend,
+        )
+        res.loss.backward()
+        loss = res.loss.detach().clone()
+        dist.all_reduce(loss, group=group)
+        acc = res.accuracy.detach().clone()
+        dist.all_reduce(acc, group=group)
+        m = model.module
+        results.append({"loss": loss / world, "local_loss": res.loss.detach(), "acc": acc / world,
+                        "grads": [p.grad.clone() for p in (m.proj.weight, m.proj.bias, m.log_scale)]})
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_ddp_step_equals_single_process(world, tmp_path):
+    import torch.multiprocessing as mp
+
+    backend = FULL_BACKENDS[-1]  # the compiled backend when it is built
+    out = tmp_path / "results.pt"
+    mp.spawn(_dist_worker, args=(world, _free_port(), backend, str(out)), nprocs=world, join=True)
+    results = torch.load(out)
+    x1, x2, perm = _dist_data(world)
+    for (mode, symmetric, eps, custom, reduction), got in zip(DIST_CONFIGS, results):
+        model = _model()
+        z1, z2, scale = model(x1, x2)
+        res = wmkernels.contrastive_loss(
+            z1, z2, logit_scale=scale, symmetric=symmetric, label_smoothing=eps, labels=perm if custom else None,
+            reduction=reduction, return_accuracy=True, backend="torch",
+        )
+        res.loss.backward()
+        ref = reference(z1.detach(), z2.detach(), scale.detach(), labels=perm if custom else None, eps=eps,
+                        symmetric=symmetric)
+        assert_close(res.loss, ref, torch.float64)
+        assert_close(got["loss"], res.loss, torch.float64)
+        assert got["acc"].item() == pytest.approx(res.accuracy.item())
+        want = [model.proj.weight.grad, model.proj.bias.grad, model.log_scale.grad]
+        for g, w in zip(got["grads"], want):
+            assert_close(g, w, torch.float64)
