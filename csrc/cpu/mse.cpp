@@ -11,7 +11,34 @@
 namespace wmkernels {
 namespace {
 
-// Operand order in the layout: x, y, w, gx, gy.
+constexpr int kLanes = 16;  // independent partial sums: vectorizable without reassociating
+
+// Operand order in the layout: x, y, w, gx, gy. W_STRIDE: 0 = one weight per run, 1 = dense
+// weight, -1 = any stride (with any strides elsewhere too).
+template <typename x_t, typename y_t, typename acc_t, bool HAS_W, bool SUM, bool GX, bool GY, int W_STRIDE>
+acc_t mse_run(const x_t* x, const y_t* y, const acc_t* w, x_t* gx, y_t* gy, const std::array<int64_t, kMaxOperands>& st,
+              int64_t n, acc_t scale) {
+  const bool dense = W_STRIDE >= 0;
+  const int64_t sx = dense ? 1 : st[0], sy = dense ? 1 : st[1], sw = W_STRIDE >= 0 ? W_STRIDE : st[2];
+  const int64_t sgx = dense ? 1 : st[3], sgy = dense ? 1 : st[4];
+  auto term = [&](int64_t i, acc_t& acc) {
+    const acc_t d = static_cast<acc_t>(x[i * sx]) - static_cast<acc_t>(y[i * sy]);
+    const acc_t wd = HAS_W ? w[i * sw] * d : d;
+    if constexpr (SUM) acc += wd * d;
+    if constexpr (GX) gx[i * sgx] = static_cast<x_t>(scale * wd);
+    if constexpr (GY) gy[i * sgy] = static_cast<y_t>(-scale * wd);
+  };
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) term(i + j, lanes[j]);
+  }
+  for (; i < n; ++i) term(i, lanes[i % kLanes]);
+  acc_t s = 0;
+  for (int j = 0; j < kLanes; ++j) s += lanes[j];
+  return s;
+}
+
 template <typename x_t, typename y_t, typename acc_t, bool HAS_W, bool SUM, bool GX, bool GY>
 double mse_range(const StridedLayout& lay, int64_t begin, int64_t end, const x_t* x, const y_t* y,
                  const acc_t* w, x_t* gx, y_t* gy, acc_t scale) {
@@ -22,35 +49,14 @@ double mse_range(const StridedLayout& lay, int64_t begin, int64_t end, const x_t
     const acc_t* wp = HAS_W ? w + off[2] : nullptr;
     x_t* gxp = GX ? gx + off[3] : nullptr;
     y_t* gyp = GY ? gy + off[4] : nullptr;
-    acc_t s = 0;
     const bool dense = st[0] == 1 && st[1] == 1 && (!GX || st[3] == 1) && (!GY || st[4] == 1);
+    acc_t s;
     if (dense && (!HAS_W || st[2] == 0)) {
-      const acc_t w0 = HAS_W ? wp[0] : acc_t(1);
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t d = static_cast<acc_t>(xp[i]) - static_cast<acc_t>(yp[i]);
-        const acc_t wd = w0 * d;
-        if constexpr (SUM) s += wd * d;
-        if constexpr (GX) gxp[i] = static_cast<x_t>(scale * wd);
-        if constexpr (GY) gyp[i] = static_cast<y_t>(-scale * wd);
-      }
+      s = mse_run<x_t, y_t, acc_t, HAS_W, SUM, GX, GY, 0>(xp, yp, wp, gxp, gyp, st, n, scale);
     } else if (dense && st[2] == 1) {
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t d = static_cast<acc_t>(xp[i]) - static_cast<acc_t>(yp[i]);
-        const acc_t wd = wp[i] * d;
-        if constexpr (SUM) s += wd * d;
-        if constexpr (GX) gxp[i] = static_cast<x_t>(scale * wd);
-        if constexpr (GY) gyp[i] = static_cast<y_t>(-scale * wd);
-      }
+      s = mse_run<x_t, y_t, acc_t, HAS_W, SUM, GX, GY, 1>(xp, yp, wp, gxp, gyp, st, n, scale);
     } else {
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t d = static_cast<acc_t>(xp[i * st[0]]) - static_cast<acc_t>(yp[i * st[1]]);
-        const acc_t wd = HAS_W ? wp[i * st[2]] * d : d;
-        if constexpr (SUM) s += wd * d;
-        if constexpr (GX) gxp[i * st[3]] = static_cast<x_t>(scale * wd);
-        if constexpr (GY) gyp[i * st[4]] = static_cast<y_t>(-scale * wd);
-      }
+      s = mse_run<x_t, y_t, acc_t, HAS_W, SUM, GX, GY, -1>(xp, yp, wp, gxp, gyp, st, n, scale);
     }
     total += static_cast<double>(s);
   });
