@@ -4,14 +4,15 @@ from __future__ import annotations
 import torch
 
 
-def mse_denominator(input: torch.Tensor, weight: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
-    """Sum of the weight broadcast to `input` (or the element count), in `acc` precision.
+def mse_denominator(input: torch.Tensor, weight: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | float:
+    """Sum of the weight broadcast to `input` (a tensor in `acc` precision), or the element count.
 
     Broadcasting repeats each weight element `input.numel() / weight.numel()` times, so the
-    broadcast weight is never materialized.
+    broadcast weight is never materialized. The count stays a Python number: a tensor made from
+    it on a GPU would be a blocking host-to-device copy.
     """
     if weight is None:
-        return torch.tensor(float(input.numel()), dtype=acc, device=input.device)
+        return float(input.numel())
     repeat = input.numel() // max(weight.numel(), 1)
     return weight.sum(dtype=acc) * repeat
 
