@@ -84,8 +84,9 @@ def _timing_settings(quick: bool, device: str) -> dict:
                 max_seconds=2.0 if quick else 30.0)
 
 
-def time_ops(ops: list[str], device: str, quick: bool, rounds: int, dtypes, label: str) -> dict:
-    """Roofline + every case of `ops`, in this process. Returns {"roofline", "cases"}."""
+def time_ops(ops: list[str], device: str, quick: bool, rounds: int, dtypes, label: str, progress=None) -> dict:
+    """Roofline + every case of `ops`, in this process. Returns {"roofline", "cases"}; calls
+    `progress(roofline, results so far)` after each case when given."""
     import torch
 
     from . import harness, roofline
@@ -105,6 +106,8 @@ def time_ops(ops: list[str], device: str, quick: bool, rounds: int, dtypes, labe
             if res["status"] != "ok":
                 _say(f"[{label}]   case error: {res['error']}")
             results.append(res)
+            if progress is not None:
+                progress(rl_before, results)
     rl_after = roofline.measure(device, quick)
     rl = {  # the best the device showed in this run, so fractions are not flattered by a slow moment
         "copy_gbps": max(rl_before["copy_gbps"], rl_after["copy_gbps"]),
@@ -270,8 +273,6 @@ def _measure_cpu_memory(args, results: list[dict]) -> None:
 
 
 def run(args) -> Path:
-    from . import harness, report
-
     device = args.device
     if device is None:
         import torch
@@ -305,23 +306,34 @@ def run(args) -> Path:
             _measure_cpu_memory(args, [c for c in cases if c["allocator"] == primary])
         memory_method = CPU_MEMORY_METHOD
     else:
-        got = time_ops(ops, device, args.quick, args.rounds, _dtypes(args), "cuda-caching")
-        import torch
+        desc = f"PyTorch CUDA caching allocator (PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')})"
+        env = {k: os.environ.get(k) for k in ALLOCATOR_VARS}
 
-        runs["cuda-caching"] = {"roofline": got["roofline"], "allocator_desc": "PyTorch CUDA caching allocator "
-                                f"(PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')})",
-                                "env": {k: os.environ.get(k) for k in ALLOCATOR_VARS}}
+        def partial(roof, results):  # a GPU lease may end mid-run: keep what was measured
+            _write(out_dir, args, ops, skipped, {"cuda-caching": {"roofline": roof, "allocator_desc": desc, "env": env}},
+                   [dict(r) for r in results], "cuda-caching", CUDA_MEMORY_METHOD, quiet=True)
+
+        got = time_ops(ops, device, args.quick, args.rounds, _dtypes(args), "cuda-caching", progress=partial)
+        runs["cuda-caching"] = {"roofline": got["roofline"], "allocator_desc": desc, "env": env}
         cases = got["cases"]
         primary = "cuda-caching"
         memory_method = CUDA_MEMORY_METHOD
+    _write(out_dir, args, ops, skipped, runs, cases, primary, memory_method)
+    print((out_dir / "results.md").read_text())
+    return out_dir
+
+
+def _write(out_dir: Path, args, ops, skipped, runs, cases, primary, memory_method, quiet=False) -> None:
+    from . import harness, report
+
     for res in cases:
         harness.derive_metrics(res, runs[res["allocator"]]["roofline"])
     payload = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(device),
-        "config": {"command": "wmkernels-bench " + " ".join(sys.argv[1:]), "ops": ops, "device": device,
+        "machine": machine_info(args.device),
+        "config": {"command": "wmkernels-bench " + " ".join(sys.argv[1:]), "ops": ops, "device": args.device,
                    "quick": args.quick, "dtype": args.dtype, "rounds": args.rounds,
-                   **_timing_settings(args.quick, device)},
+                   **_timing_settings(args.quick, args.device)},
         "memory_method": memory_method,
         "primary_run": primary,
         "runs": runs,
@@ -330,9 +342,8 @@ def run(args) -> Path:
         "cases": cases,
     }
     files = report.write_all(out_dir, payload)
-    _say(f"wrote {', '.join(files)} to {out_dir}")
-    print((out_dir / "results.md").read_text())
-    return out_dir
+    if not quiet:
+        _say(f"wrote {', '.join(files)} to {out_dir}")
 
 
 def main(argv=None) -> int:

@@ -71,7 +71,7 @@ def _table(cases: list[dict]) -> list[str]:
     has_bytes = any(c.get("bytes_moved") for c in cases)
     has_flops = any(c.get("flops") for c in cases)
     has_floor = any(c.get("floor") for c in cases)
-    head = ["case", "contender", "median ms", "IQR ms", "vs eager", "vs compile"]
+    head = ["case", "contender", "median ms", "IQR ms", "min ms", "vs eager", "vs compile"]
     if has_bytes:
         head += ["GB/s", "% copy BW"]
     if has_flops:
@@ -93,9 +93,9 @@ def _table(cases: list[dict]) -> list[str]:
             cells = [c["name"], name]
             if ok:
                 cells += [_f(r["median_s"], ".3f", 1e3), f"{_f(r['q1_s'], '.3f', 1e3)}–{_f(r['q3_s'], '.3f', 1e3)}",
-                          _ratio(r.get("speedup_vs_eager")), _ratio(r.get("speedup_vs_compile"))]
+                          _f(r["min_s"], ".3f", 1e3), _ratio(r.get("speedup_vs_eager")), _ratio(r.get("speedup_vs_compile"))]
             else:
-                cells += ["–"] * 4
+                cells += ["–"] * 5
             if has_bytes:
                 cells += [_f(r.get("gbps"), ".1f"), _pct(r.get("bw_fraction"))] if ok else ["–", "–"]
             if has_flops:

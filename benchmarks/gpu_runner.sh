@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One prepared GPU run, no package registry: build the CUDA extension in place, run the GPU test
+# subset, run the full benchmark, write benchmarks/results/<gpu>-<date>/ (about 8 minutes).
+#
+# Needs on the machine: a CUDA GPU; python3 with a CUDA build of torch (>= 2.5) and triton; nvcc
+# for the `cuda` backend (without it the build warns and the triton/torch backends still run);
+# pytest, pytest-benchmark, matplotlib, einops. Missing pure-Python packages can travel as wheels
+# in .whl/ (installed with --no-index into a temporary folder).
+#
+# Usage (from anywhere):  bash benchmarks/gpu_runner.sh [extra wmkernels-bench arguments]
+# Environment knobs: PYTHON (python3), MAX_JOBS (16, parallel compiles), BUILD_TIMEOUT (240 s),
+#   TEST_TIMEOUT (150 s), BENCH_TIMEOUT (300 s), TESTS (test files; default the GPU-relevant ones
+#   present), WHEELS (.whl), OUT (if set, a tarball of the results and the logs is copied there).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+unset TRITON_INTERPRET                     # real Triton kernels on the GPU
+export PYTHONUNBUFFERED=1 WMKERNELS_NO_JIT=1  # never spend the lease on a CPU-only JIT build
+
+if [ -d "${WHEELS:-.whl}" ] && ls "${WHEELS:-.whl}"/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/wmkernels-site "${WHEELS:-.whl}"/*.whl && export PYTHONPATH=/tmp/wmkernels-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+"$PY" - <<'EOF' || { echo "gpu_runner: no usable CUDA torch here" >&2; exit 2; }
+import torch
+assert torch.cuda.is_available(), "torch sees no CUDA device"
+print("gpu_runner:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+EOF
+RES=$("$PY" -c "from wmkernels.bench.__main__ import default_out; print(default_out('cuda', False))")
+mkdir -p "$RES"
+echo "gpu_runner: results -> $RES"
+status=0
+t0=$SECONDS
+
+echo "== build (nvcc for sm_80/sm_90; log: $RES/build.log)"
+MAX_JOBS=${MAX_JOBS:-16} WMKERNELS_BUILD_EXT=1 timeout "${BUILD_TIMEOUT:-240}" \
+  "$PY" setup.py build_ext --inplace >"$RES/build.log" 2>&1 || { echo "build failed or timed out" >&2; status=1; }
+tail -n 3 "$RES/build.log"
+"$PY" -c "import wmkernels; [print(f'  {k:7s}', v.available, '-', v.reason) for k, v in wmkernels.available_backends().items()]" \
+  2>&1 | tee "$RES/backends.txt"
+echo "   build took $((SECONDS - t0)) s"
+
+echo "== tests (not slow; log: $RES/tests.log)"
+if [ -z "${TESTS:-}" ]; then
+  TESTS=$(ls tests/test_mse.py tests/test_masked.py tests/test_contrastive.py tests/test_gpu_build.py \
+    tests/test_bench.py 2>/dev/null | tr '\n' ' ')
+fi
+t1=$SECONDS
+# shellcheck disable=SC2086
+timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -m "not slow" -x -q -p no:cacheprovider $TESTS \
+  >"$RES/tests.log" 2>&1 || { echo "tests failed or timed out" >&2; status=1; }
+tail -n 15 "$RES/tests.log"
+echo "   tests took $((SECONDS - t1)) s"
+
+echo "== benchmark (log: $RES/bench.log)"
+t2=$SECONDS
+timeout "${BENCH_TIMEOUT:-300}" "$PY" -m wmkernels.bench --device cuda --out "$RES" "$@" \
+  >"$RES/bench.log" 2>&1 || { echo "benchmark failed or timed out (partial results kept)" >&2; status=1; }
+grep -E "^\[|failed|Error" "$RES/bench.log" | tail -n 20
+echo "   benchmark took $((SECONDS - t2)) s; total $((SECONDS - t0)) s"
+[ -f "$RES/results.md" ] && sed -n '/^## Summary/,/^## /p' "$RES/results.md"
+
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/results.tgz" "$RES" && cp "$RES"/results.md "$RES"/*.log "$OUT"/ 2>/dev/null
+fi
+exit $status

@@ -1,0 +1,143 @@
+"""Benchmark harness: wrong contenders are reported and not timed, rounds interleave, the roofline
+and reports are written, and `python -m wmkernels.bench --quick` runs end to end."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from wmkernels.bench import harness, report
+from wmkernels.bench.__main__ import load_cases
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = dict(rounds=4, warmup=1, min_sample_s=0.0, max_seconds=30.0)
+
+
+def _double(d):
+    return d["x"] * 2
+
+
+def _tiny_case(**contenders) -> harness.Case:
+    return harness.Case(op="toy", name="tiny", size=1000, setup=lambda: {"x": torch.randn(1000)},
+                        contenders={"eager": _double, **contenders}, bytes_moved=8000, rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_contender_is_failed_and_not_timed():
+    case = _tiny_case(good=lambda d: d["x"] + d["x"], wrong=lambda d: d["x"] * 2 + 1e-3,
+                      misshaped=lambda d: (d["x"] * 2)[:-1], raises=lambda d: 1 / 0)
+    res = harness.run_case(case, "cpu", quick=False, **FAST)
+    cs = res["contenders"]
+    assert cs["good"]["status"] == "ok" and cs["good"]["median_s"] > 0
+    assert cs["eager"]["status"] == "ok" and cs["eager"]["rounds"] == 4
+    assert cs["wrong"]["status"] == "FAILED" and "differ" in cs["wrong"]["error"]
+    assert cs["misshaped"]["status"] == "FAILED" and "shape" in cs["misshaped"]["error"]
+    assert cs["raises"]["status"] == "error" and "ZeroDivisionError" in cs["raises"]["error"]
+    for name in ("wrong", "misshaped", "raises"):
+        assert "median_s" not in cs[name]
+
+
+def test_compare_checks_every_output_of_a_tuple():
+    x = torch.ones(3)
+    assert harness.compare((x, x * 2), (x, x * 2), 1e-6, 1e-6)[0]
+    ok, why, _ = harness.compare((x, x * 2), (x, x * 3), 1e-6, 1e-6)
+    assert not ok and why.startswith("output 1")
+    assert not harness.compare((x,), (x, x), 1e-6, 1e-6)[0]
+
+
+def test_rounds_are_interleaved_and_rotated():
+    calls = []
+
+    def recorder(name):
+        def fn(d):
+            calls.append(name)
+            return d["x"] * 2
+        return fn
+
+    case = _tiny_case(a=recorder("a"), b=recorder("b"))
+    case.contenders["eager"] = recorder("eager")
+    harness.run_case(case, "cpu", quick=False, **FAST)
+    timed = calls[-12:]  # 4 rounds x 3 contenders, one call per sample (min_sample_s=0)
+    rounds = [timed[i:i + 3] for i in range(0, 12, 3)]
+    assert all(sorted(r) == ["a", "b", "eager"] for r in rounds)
+    assert len({r[0] for r in rounds}) == 3  # the starting contender rotates
+
+
+def test_quick_mode_drops_compile_and_floor_is_reported():
+    case = _tiny_case(compile=_double)
+    case.floor = lambda d: d["x"].clone()
+    assert "compile" not in harness.active_contenders(case, quick=True)
+    res = harness.run_case(case, "cpu", quick=False, **FAST)
+    harness.derive_metrics(res, {"copy_gbps": 10.0, "matmul_tflops": {"float32": 1.0}})
+    eager = res["contenders"]["eager"]
+    assert res["floor"]["median_s"] > 0
+    assert eager["speedup_vs_eager"] == pytest.approx(1.0)
+    assert eager["speedup_vs_compile"] == pytest.approx(res["contenders"]["compile"]["median_s"] / eager["median_s"])
+    assert eager["gbps"] == pytest.approx(8000 / eager["median_s"] / 1e9)
+    assert eager["bw_fraction"] == pytest.approx(eager["gbps"] / 10.0)
+    assert eager["floor_fraction"] == pytest.approx(res["floor"]["median_s"] / eager["median_s"])
+
+
+def test_missing_reference_is_a_case_error():
+    case = _tiny_case()
+    case.reference = "nope"
+    assert harness.run_case(case, "cpu", quick=False, **FAST)["status"] == "error"
+
+
+def test_cpu_peak_memory_sees_a_64mb_buffer():
+    peak, method = harness.cpu_peak_extra_bytes(lambda d: torch.ones(16 << 20), {})
+    assert 60 << 20 < peak < 100 << 20, (peak, method)
+
+
+def test_dtype_filter_and_case_names_are_unique():
+    cases = load_cases("mse", "cpu", True, {"bfloat16"})
+    assert cases and all(harness.case_dtype(c) == "bfloat16" for c in cases)
+    names = [c.name for c in load_cases("mse", "cpu", True, None)]
+    assert len(names) == len(set(names))
+
+
+def test_report_files_are_written(tmp_path):
+    case = _tiny_case(wrong=lambda d: d["x"])
+    res = harness.run_case(case, "cpu", quick=False, **FAST)
+    res["allocator"] = "caching"
+    roof = {"copy_gbps": 10.0, "matmul_tflops": {"float32": 1.0}}
+    harness.derive_metrics(res, roof)
+    payload = {"date": "today", "machine": {"device_name": "test cpu"},
+               "config": {"command": "wmkernels-bench", "rounds": 4}, "primary_run": "caching",
+               "runs": {"caching": {"roofline": roof, "allocator_desc": "test"}}, "cases": [res]}
+    files = report.write_all(tmp_path, payload)
+    assert json.loads((tmp_path / "results.json").read_text())["cases"][0]["name"] == "tiny"
+    md = (tmp_path / "results.md").read_text()
+    assert "## toy" in md and "**FAILED**" in md and "| tiny | eager |" in md
+    assert set(files) >= {"results.json", "results.md"}
+
+
+def test_roofline_measures_copy_and_matmul():
+    from wmkernels.bench import roofline
+
+    assert roofline.copy_bandwidth("cpu", 8 << 20, repeats=2) > 0
+    assert roofline.matmul_tflops("cpu", torch.float32, 64, repeats=2) > 0
+
+
+@pytest.mark.slow
+def test_quick_benchmark_end_to_end(tmp_path):
+    out = tmp_path / "res"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "wmkernels.bench", "--quick", "--op", "mse,nosuchop",
+                           "--device", "cpu", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["skipped_ops"] == {"nosuchop": "wmkernels/bench/nosuchop.py not found"}
+    assert payload["roofline"]["copy_gbps"] > 0
+    cases = [c for c in payload["cases"] if c["op"] == "mse"]
+    assert cases and all(c["status"] == "ok" for c in cases)
+    for c in cases:
+        assert "compile" not in c["contenders"]
+        for name, r in c["contenders"].items():
+            assert r["status"] == "ok" and r["median_s"] > 0 and r["peak_extra_bytes"] is not None, (c["name"], name)
+    assert "wmkernels-cpu" in cases[0]["contenders"]
+    assert "## mse" in (out / "results.md").read_text()
+    assert list(out.glob("*.png"))
