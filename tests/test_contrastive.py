@@ -321,3 +321,43 @@ def test_distributed_ddp_step_equals_single_process(world, tmp_path):
         want = [model.proj.weight.grad, model.proj.bias.grad, model.log_scale.grad]
         for g, w in zip(got["grads"], want):
             assert_close(g, w, torch.float64)
+
+
+# --- Triton (interpreted on CPU): a covering subset on small shapes -------------------------------
+
+TRITON_CASES = [  # (B, D, dtype, symmetric, label_smoothing, custom labels, normalize)
+    (1, 3, torch.float32, True, 0.0, False, True),
+    (67, 40, torch.float32, True, 0.1, True, True),
+    (67, 40, torch.float32, False, 0.0, True, True),
+    (33, 17, torch.float64, True, 0.1, False, True),
+    (40, 24, torch.bfloat16, True, 0.0, False, True),
+    (21, 9, torch.float16, False, 0.2, False, False),
+]
+
+
+@pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton backend not runnable here")
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "B{}-D{}-{}-sym{}-eps{}-lab{}-norm{}".format(
+    c[0], c[1], str(c[2]).removeprefix("torch."), *c[3:]))
+def test_triton_matches_reference(case):
+    B, D, dtype, symmetric, eps, custom, normalize = case
+    g = torch.Generator().manual_seed(B + D)
+    z1 = torch.randn(B, D, generator=g)
+    labels = torch.randperm(B, generator=g) if custom else None
+    z2 = z1 + 0.5 * torch.randn(B, D, generator=g)
+    if labels is not None:
+        z2 = z2[torch.argsort(labels)]
+    ours, ref = run_both(z1, z2, 14.0 if normalize else 0.3, "triton", dtype, labels=labels, label_smoothing=eps,
+                         normalize=normalize, symmetric=symmetric)
+    check(ours, ref, dtype)
+
+
+@pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton backend not runnable here")
+def test_triton_accuracy_matches_cpu():
+    g = torch.Generator().manual_seed(9)
+    z1 = torch.randn(50, 20, generator=g, dtype=torch.float64)
+    z2 = z1 + torch.randn(50, 20, generator=g, dtype=torch.float64)
+    a = wmkernels.contrastive_loss(z1, z2, return_accuracy=True, backend="triton")
+    b = wmkernels.contrastive_loss(z1, z2, return_accuracy=True, backend="torch")
+    assert 0.2 < b.accuracy_12 < 0.99
+    assert torch.equal(a.accuracy_12, b.accuracy_12) and torch.equal(a.accuracy_21, b.accuracy_21)
+    assert_close(a.loss, b.loss, torch.float64)
