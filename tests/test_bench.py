@@ -121,6 +121,20 @@ def test_roofline_measures_copy_and_matmul():
     assert roofline.matmul_tflops("cpu", torch.float32, 64, repeats=2) > 0
 
 
+def test_in_process_run_writes_partial_and_final_results(tmp_path, monkeypatch):
+    from wmkernels.bench import __main__ as cli
+
+    writes = []
+    real_write = cli._write
+    monkeypatch.setattr(cli, "_write", lambda *a, **k: (writes.append(k.get("quiet", False)), real_write(*a, **k)))
+    monkeypatch.setattr(cli, "load_cases", lambda op, device, quick, dtypes: [_tiny_case(), _tiny_case(wrong=lambda d: -d["x"])])
+    assert cli.main(["--op", "mse", "--device", "cpu", "--quick", "--in-process", "--out", str(tmp_path)]) == 1
+    assert writes == [True, True, False]  # after each case (the GPU path), then the final write
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["primary_run"] == "in-process" and len(payload["cases"]) == 2
+    assert payload["cases"][1]["contenders"]["wrong"]["status"] == "FAILED"
+
+
 @pytest.mark.slow
 def test_quick_benchmark_end_to_end(tmp_path):
     out = tmp_path / "res"

@@ -35,6 +35,7 @@ CUDA_MEMORY_METHOD = "CUDA: torch.cuda.max_memory_allocated() during one forward
 
 
 _START = time.monotonic()
+_LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def _say(msg: str) -> None:
@@ -54,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "defaults, or both (auto: both for mse in a full run, else caching)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--jobs", type=int, default=2, help="CPU memory-measurement processes run at once")
+    p.add_argument("--in-process", action="store_true",
+                   help="CPU: time in this process with its own allocator settings, no memory measurement")
     p.add_argument("--worker", choices=("time", "memory"), help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
@@ -203,6 +206,9 @@ def machine_info(device: str) -> dict:
     else:
         info["device_name"] = f"CPU {info['cpu_model']} x{info['cpu_count']}"
     info["allocator_env"] = {k: os.environ.get(k) for k in ALLOCATOR_VARS}
+    if hasattr(os, "getloadavg"):
+        info["loadavg_start"] = _LOAD_AT_START
+        info["loadavg_end"] = os.getloadavg()[0]
     info["git_commit"] = _git_commit()
     try:
         import wmkernels
@@ -288,7 +294,7 @@ def run(args) -> Path:
             ops.append(op)
     out_dir = Path(args.out) if args.out else default_out(device, args.quick)
     runs, cases = {}, []
-    if device == "cpu":
+    if device == "cpu" and not args.in_process:
         plan = _allocator_plan(args, ops)
         for label, (plan_ops, env, drop, desc) in plan.items():
             argv = ["--worker", "time", "--device", device, "--op", ",".join(plan_ops),
@@ -306,18 +312,20 @@ def run(args) -> Path:
             _measure_cpu_memory(args, [c for c in cases if c["allocator"] == primary])
         memory_method = CPU_MEMORY_METHOD
     else:
-        desc = f"PyTorch CUDA caching allocator (PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')})"
+        label = "cuda-caching" if device.startswith("cuda") else "in-process"
+        desc = (f"PyTorch CUDA caching allocator (PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')})"
+                if device.startswith("cuda") else "this process's own settings (--in-process)")
+        memory_method = CUDA_MEMORY_METHOD if device.startswith("cuda") else "not measured (--in-process)"
         env = {k: os.environ.get(k) for k in ALLOCATOR_VARS}
 
         def partial(roof, results):  # a GPU lease may end mid-run: keep what was measured
-            _write(out_dir, args, ops, skipped, {"cuda-caching": {"roofline": roof, "allocator_desc": desc, "env": env}},
-                   [dict(r) for r in results], "cuda-caching", CUDA_MEMORY_METHOD, quiet=True)
+            _write(out_dir, args, ops, skipped, {label: {"roofline": roof, "allocator_desc": desc, "env": env}},
+                   [dict(r) for r in results], label, memory_method, quiet=True)
 
-        got = time_ops(ops, device, args.quick, args.rounds, _dtypes(args), "cuda-caching", progress=partial)
-        runs["cuda-caching"] = {"roofline": got["roofline"], "allocator_desc": desc, "env": env}
+        got = time_ops(ops, device, args.quick, args.rounds, _dtypes(args), label, progress=partial)
+        runs[label] = {"roofline": got["roofline"], "allocator_desc": desc, "env": env}
         cases = got["cases"]
-        primary = "cuda-caching"
-        memory_method = CUDA_MEMORY_METHOD
+        primary = label
     _write(out_dir, args, ops, skipped, runs, cases, primary, memory_method)
     print((out_dir / "results.md").read_text())
     return out_dir

@@ -146,13 +146,11 @@ def interleaved_timing(fns: dict[str, Callable], inputs: dict, device: str, *, r
     `reps` back-to-back calls, `reps` chosen per function so a sample lasts about `min_sample_s`.
     Stops after `rounds` rounds, or after `min_rounds` once `max_seconds` have passed."""
     names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name](inputs)
-    sync(device)
     reps = {}
     for name in names:
-        t, _ = _time_block(fns[name], inputs, 1, device)
+        for _ in range(max(warmup - 1, 0)):
+            fns[name](inputs)
+        t, _ = _time_block(fns[name], inputs, 1, device)  # the last warm-up call sizes the samples
         reps[name] = max(1, min(1000, math.ceil(min_sample_s / max(t, 1e-9))))
     samples: dict[str, list[float]] = {n: [] for n in names}
     faults: dict[str, int] = {n: 0 for n in names}
@@ -303,7 +301,7 @@ def derive_metrics(res: dict, roofline: dict) -> dict:
         c = cs.get(name)
         return c.get("median_s") if c and c.get("status") == "ok" else None
 
-    eager, comp = median("eager"), median("compile")
+    eager, comp, ref = median("eager"), median("compile"), median(res.get("reference"))
     floor = res["floor"]["median_s"] if res.get("floor") else None
     copy = roofline.get("copy_gbps")
     peak = roofline.get("matmul_tflops", {})
@@ -314,6 +312,7 @@ def derive_metrics(res: dict, roofline: dict) -> dict:
             continue
         c["speedup_vs_eager"] = eager / t if eager else None
         c["speedup_vs_compile"] = comp / t if comp else None
+        c["speedup_vs_reference"] = ref / t if ref else None
         c["floor_fraction"] = floor / t if floor else None
         if res.get("bytes_moved"):
             c["gbps"] = res["bytes_moved"] / t / 1e9

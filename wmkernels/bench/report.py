@@ -36,6 +36,9 @@ def _machine_lines(payload: dict) -> list[str]:
              f"{m.get('torch_threads')} torch threads)",
              f"- torch {m.get('torch')}, triton {m.get('triton')}, python {m.get('python')}, "
              f"commit `{m.get('git_commit') or 'unknown'}`, {payload['date']}"]
+    if m.get("loadavg_start") is not None:
+        lines.append(f"- load average (1 min) at start / end: {m['loadavg_start']:.1f} / {m.get('loadavg_end', 0):.1f} "
+                     f"on {m.get('cpu_count')} cores (other processes share the machine when this exceeds ~0)")
     for label, run in payload["runs"].items():
         rl = run["roofline"]
         mm = ", ".join(f"{k} {v:.3g}" for k, v in rl.get("matmul_tflops", {}).items())
@@ -71,7 +74,10 @@ def _table(cases: list[dict]) -> list[str]:
     has_bytes = any(c.get("bytes_moved") for c in cases)
     has_flops = any(c.get("flops") for c in cases)
     has_floor = any(c.get("floor") for c in cases)
+    refs = sorted({c["reference"] for c in cases if c.get("reference") not in (None, "eager")})
     head = ["case", "contender", "median ms", "IQR ms", "min ms", "vs eager", "vs compile"]
+    if refs:
+        head += [f"vs {'/'.join(refs)}"]
     if has_bytes:
         head += ["GB/s", "% copy BW"]
     if has_flops:
@@ -96,6 +102,8 @@ def _table(cases: list[dict]) -> list[str]:
                           _f(r["min_s"], ".3f", 1e3), _ratio(r.get("speedup_vs_eager")), _ratio(r.get("speedup_vs_compile"))]
             else:
                 cells += ["–"] * 5
+            if refs:
+                cells += [_ratio(r.get("speedup_vs_reference")) if ok and c["reference"] != "eager" else "–"]
             if has_bytes:
                 cells += [_f(r.get("gbps"), ".1f"), _pct(r.get("bw_fraction"))] if ok else ["–", "–"]
             if has_flops:
