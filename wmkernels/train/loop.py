@@ -105,9 +105,10 @@ class Trainer:
         self.history: list[dict] = []
         self.last_checkpoint = self.last_sample = None
         self._maybe_resume()
-        self.ddp = DDP(self.objective, device_ids=[self.device] if self.device.type == "cuda" else None) \
-            if self.world > 1 else None
-        self.runner = self.ddp or self.objective
+        self.ddp = None
+        if self.world > 1:
+            self.ddp = DDP(self.objective, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.runner = self.objective if self.ddp is None else self.ddp
         if cfg.compile:
             self.runner = torch.compile(self.runner)
         self.source = DataSource(cfg)
@@ -251,33 +252,10 @@ class Trainer:
     # ---- the run ----
 
     def run(self) -> dict:
-        cfg = self.cfg
-        bounds = np.cumsum([s.steps for s in self.stages])
-        window = {"loss": 0.0, "n": 0, "time": 0.0, "data_time": 0.0}
-        samples_per_step = cfg.batch_size * cfg.grad_accum * self.world
+        """Train to the end of the curriculum, then evaluate, write a sample and a final checkpoint."""
         final_eval: dict = {}
         try:
-            while self.step < self.total_steps:
-                self._enter_stage(int(np.searchsorted(bounds, self.step, side="right")))
-                while self.step < bounds[self.stage_index]:
-                    out = self.train_step()
-                    if self.consecutive_bad >= cfg.max_nonfinite:
-                        self.save_checkpoint()
-                        raise TrainingStopped(
-                            f"stopped at step {self.step}: {self.consecutive_bad} non-finite steps in a row "
-                            f"(max_nonfinite={cfg.max_nonfinite}); the last good state is in "
-                            f"{self.last_checkpoint or cfg.out_dir}. Lower --lr, use bf16/fp32, or check the data.")
-                    for k in ("time", "data_time"):
-                        window[k] += out[k]
-                    if math.isfinite(out["loss"]):
-                        window["loss"] += out["loss"]
-                        window["n"] += 1
-                    self.monitor.step(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}")
-                    if cfg.log_every and self.step % cfg.log_every == 0:
-                        self._log(out, window, samples_per_step)
-                    self._periodic(cfg.eval_every, lambda: self.monitor.log(self.step, self.evaluate(), "eval"))
-                    self._periodic(cfg.sample_every, self.write_sample)
-                    self._periodic(cfg.ckpt_every, self.save_checkpoint)
+            self.fit()
             if self.rank == 0:  # periodic actions skip the last step: they all happen here
                 final_eval = self.evaluate()
                 self.monitor.log(self.step, final_eval, "eval")
@@ -287,6 +265,34 @@ class Trainer:
             self.monitor.close()
         return {"step": self.step, "history": self.history, "eval": final_eval, "checkpoint": self.last_checkpoint,
                 "sample": self.last_sample, **self.counters}
+
+    def fit(self) -> None:
+        """The training iterations with their periodic logging, evaluation, samples and checkpoints."""
+        cfg = self.cfg
+        bounds = np.cumsum([s.steps for s in self.stages])
+        window = {"loss": 0.0, "n": 0, "time": 0.0, "data_time": 0.0}
+        samples_per_step = cfg.batch_size * cfg.grad_accum * self.world
+        while self.step < self.total_steps:
+            self._enter_stage(int(np.searchsorted(bounds, self.step, side="right")))
+            while self.step < bounds[self.stage_index]:
+                out = self.train_step()
+                if self.consecutive_bad >= cfg.max_nonfinite:
+                    self.save_checkpoint()
+                    raise TrainingStopped(
+                        f"stopped at step {self.step}: {self.consecutive_bad} non-finite steps in a row "
+                        f"(max_nonfinite={cfg.max_nonfinite}); the last good state is in "
+                        f"{self.last_checkpoint or cfg.out_dir}. Lower --lr, use bf16/fp32, or check the data.")
+                for k in ("time", "data_time"):
+                    window[k] += out[k]
+                if math.isfinite(out["loss"]):
+                    window["loss"] += out["loss"]
+                    window["n"] += 1
+                self.monitor.step(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}")
+                if cfg.log_every and self.step % cfg.log_every == 0:
+                    self._log(out, window, samples_per_step)
+                self._periodic(cfg.eval_every, lambda: self.monitor.log(self.step, self.evaluate(), "eval"))
+                self._periodic(cfg.sample_every, self.write_sample)
+                self._periodic(cfg.ckpt_every, self.save_checkpoint)
 
     def _periodic(self, every: int, action) -> None:
         if self.rank == 0 and every and self.step % every == 0 and self.step < self.total_steps:
