@@ -1,0 +1,91 @@
+"""Contrastive-loss benchmark cases (issue 4): forward+backward of the eager formula (B x B logits,
+two cross-entropies), its torch.compile, each wmkernels backend runnable on the device, and, on
+GPU when importable, Inf-CL's `cal_flash_loss` once per direction."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import wmkernels
+from .harness import Case
+
+_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton",)}
+
+
+def runnable_backends(device: str) -> list[str]:
+    status = wmkernels.available_backends()
+    dev = torch.device(device).type
+    return [b for b in _BACKENDS.get(dev, ()) if status[b].available and dev in status[b].devices]
+
+
+def eager_formula(z1: torch.Tensor, z2: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric loss as everybody writes it: normalize, B x B logits, two cross-entropies."""
+    a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    logits = scale * a @ b.T
+    labels = torch.arange(z1.shape[0], device=z1.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def _fwd_bwd(loss_fn):
+    """A contender: (loss, d z1, d z2, d scale) of one forward+backward."""
+    def run(d):
+        loss = loss_fn(d["z1"], d["z2"], d["scale"])
+        grads = torch.autograd.grad(loss, (d["z1"], d["z2"], d["scale"]))
+        return (loss.detach().float(), *(g.float() for g in grads))
+    return run
+
+
+def _infcl():
+    """Inf-CL's one-direction flash loss applied in both directions, or None when not installed."""
+    try:
+        from inf_cl import cal_flash_loss
+    except ImportError:
+        return None
+
+    def loss(z1, z2, scale):
+        a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+        labels = torch.arange(z1.shape[0], device=z1.device)
+        return 0.5 * (cal_flash_loss(a, b, labels, scale=scale) + cal_flash_loss(b, a, labels, scale=scale))
+
+    return loss
+
+
+def _contenders(device: str) -> dict:
+    out = {"eager": _fwd_bwd(eager_formula), "compile": _fwd_bwd(torch.compile(eager_formula, dynamic=False))}
+    for b in runnable_backends(device):
+        out[f"wmkernels-{b}"] = _fwd_bwd(lambda z1, z2, s, b=b: wmkernels.contrastive_loss(z1, z2, logit_scale=s, backend=b))
+    infcl = _infcl() if device.startswith("cuda") else None
+    if infcl is not None:
+        out["infcl-flash"] = _fwd_bwd(infcl)
+    return out
+
+
+def _case(device: str, b: int, d: int, dtype: torch.dtype) -> Case:
+    def setup():
+        g = torch.Generator(device=device).manual_seed(b + d)
+        z1 = torch.randn(b, d, device=device, dtype=dtype, generator=g)
+        z2 = (z1 + 0.5 * torch.randn(b, d, device=device, dtype=dtype, generator=g)).requires_grad_()
+        scale = torch.tensor(14.0, device=device, requires_grad=True)
+        return {"z1": z1.requires_grad_(), "z2": z2, "scale": scale}
+
+    es = torch.empty(0, dtype=dtype).element_size()
+    name = f"B{b}-D{d}-{str(dtype).removeprefix('torch.')}"
+    # Gradients are O(1 / B); the loss is O(log B).
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    return Case(
+        op="contrastive", name=name, size=b, setup=setup, contenders=_contenders(device), reference="eager",
+        bytes_moved=4 * b * d * es,  # read z1, z2 once, write d z1, d z2 once
+        flops=6 * b * b * d,  # nominal: 2 B^2 D forward + 4 B^2 D backward (recomputation not credited)
+        rtol=tol, atol=tol / 10, params={"B": b, "D": d, "dtype": str(dtype).removeprefix("torch.")},
+        dtype=str(dtype).removeprefix("torch."),
+    )
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    """Quick: B = 1024, D = 256 fp32. Full: B = 4096, 16384 x D = 256, 512 in fp32 on CPU; on GPU
+    B = 16384 .. 262144 in bf16 (eager runs out of memory at the top; that row reports the error)."""
+    if quick:
+        return [_case(device, 1024, 256, torch.float32)]
+    if torch.device(device).type == "cuda":
+        return [_case(device, b, d, torch.bfloat16) for b in (16384, 65536, 262144) for d in (256, 512)]
+    return [_case(device, b, d, torch.float32) for b in (4096, 16384) for d in (256, 512)]
