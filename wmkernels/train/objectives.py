@@ -23,6 +23,7 @@ MASK_SALT, VIEW_SALT = 101, 202
 
 # ---- masked video modeling (VideoMAE) ----
 
+@torch.compiler.disable  # per-sample host-side generators: kept out of a compiled graph
 def tube_masks(index: list[int], grid: tuple[int, int, int], ratio: float, seed: int, step: int, device):
     """`wmkernels.masking.tube` masks, each sample's from its own (seed, index, step) generator.
     Returns (ids_keep, ids_masked, ids_restore), int64 (B, .) on `device`."""
@@ -37,11 +38,16 @@ def _patch_stats(target: torch.Tensor, eps: float = 1e-6):
 
 # ---- contrastive: two augmented views ----
 
+@torch.compiler.disable
+def _view_params(index: list[int], seed: int, step: int, view: int) -> torch.Tensor:
+    return torch.stack([torch.rand(6, generator=sample_generator(seed, i, step, VIEW_SALT + view)) for i in index])
+
+
 def augment(video: torch.Tensor, index: list[int], seed: int, step: int, view: int) -> torch.Tensor:
     """Random resized crop (area 40-100%), horizontal flip and brightness/contrast jitter, the same
     for every frame of a clip, with parameters drawn from (seed, index, step, view)."""
     b, t, c, h, w = video.shape
-    params = torch.stack([torch.rand(6, generator=sample_generator(seed, int(i), step, VIEW_SALT + view)) for i in index])
+    params = _view_params(index, seed, step, view)
     side = (0.4 + 0.6 * params[:, 0]).sqrt()
     flip = torch.where(params[:, 1] < 0.5, -1.0, 1.0)
     tx, ty = (1 - side) * (2 * params[:, 2] - 1), (1 - side) * (2 * params[:, 3] - 1)
