@@ -290,3 +290,19 @@ def test_main_writes_checkpoint_metrics_and_sample(tmp_path):
     assert {"loss", "lr", "grad_norm", "samples_per_s", "data_time_share", "peak_memory_mb"} <= set(train_rows[0])
     assert [r["step"] for r in rows if r["split"] == "eval"] == [3, 6]
     assert main(["--out-dir", str(tmp_path / "x"), "--data", str(tmp_path / "missing")]) == 2
+
+
+def test_wandb_missing_is_a_clear_message(tmp_path, caplog, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    _, out = train(tmp_path, wandb=True, curriculum=[Stage(16, 4, 2)])
+    assert out["step"] == 2
+    assert "--wandb given but wandb is not installed (pip install wandb)" in caplog.text
