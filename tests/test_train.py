@@ -139,6 +139,8 @@ def test_npy_folder_skips_bad_clips(tmp_path, caplog):
     cfg = config(tmp_path / "run", data=str(tmp_path), curriculum=[Stage(16, 4, 2)], batch_size=1)
     train_set, held = DataSource(cfg).datasets(4, 16)
     assert len(train_set) + len(held) == 4
+    _, out = train(tmp_path / "run", data=str(tmp_path), curriculum=[Stage(16, 4, 2)], batch_size=1, frame_stride=2)
+    assert out["step"] == 2 and np.isfinite(out["eval"]["loss"])
 
 
 def test_mp4_folder(tmp_path):

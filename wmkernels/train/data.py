@@ -100,10 +100,10 @@ def _fit(clip: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
     clip = clip[:, :, top:top + side, left:left + side]
     if side != resolution:
         clip = F.interpolate(clip, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
-    if c != channels:
-        clip = clip.mean(1, keepdim=True).expand(-1, channels, -1, -1) if channels in (1, 3) and c in (1, 3) else None
-        if clip is None:
+    if c != channels:  # grey <-> RGB
+        if c not in (1, 3) or channels not in (1, 3):
             raise DataError(f"data: cannot turn {c}-channel frames into channels={channels}")
+        clip = clip.mean(1, keepdim=True).expand(-1, channels, -1, -1)
     return clip.clamp(0, 1).contiguous()
 
 
