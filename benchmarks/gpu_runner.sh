@@ -8,8 +8,8 @@
 # in .whl/ (installed with --no-index into a temporary folder).
 #
 # Usage (from anywhere):  bash benchmarks/gpu_runner.sh [extra wmkernels-bench arguments]
-# Environment knobs: PYTHON (python3), MAX_JOBS (16, parallel compiles), BUILD_TIMEOUT (240 s),
-#   TEST_TIMEOUT (150 s), BENCH_TIMEOUT (300 s), TESTS (test files; default the GPU-relevant ones
+# Environment knobs: PYTHON (python3), MAX_JOBS (16, parallel compiles), BUILD_TIMEOUT (200 s),
+#   TEST_TIMEOUT (120 s), BENCH_TIMEOUT (240 s), TESTS (test files; default the GPU-relevant ones
 #   present), WHEELS (.whl), OUT (if set, a tarball of the results and the logs is copied there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +35,7 @@ status=0
 t0=$SECONDS
 
 echo "== build (nvcc for sm_80/sm_90; log: $RES/build.log)"
-MAX_JOBS=${MAX_JOBS:-16} WMKERNELS_BUILD_EXT=1 timeout "${BUILD_TIMEOUT:-240}" \
+MAX_JOBS=${MAX_JOBS:-16} WMKERNELS_BUILD_EXT=1 timeout "${BUILD_TIMEOUT:-200}" \
   "$PY" setup.py build_ext --inplace >"$RES/build.log" 2>&1 || { echo "build failed or timed out" >&2; status=1; }
 tail -n 3 "$RES/build.log"
 "$PY" -c "import wmkernels; [print(f'  {k:7s}', v.available, '-', v.reason) for k, v in wmkernels.available_backends().items()]" \
@@ -49,14 +49,14 @@ if [ -z "${TESTS:-}" ]; then
 fi
 t1=$SECONDS
 # shellcheck disable=SC2086
-timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -m "not slow" -x -q -p no:cacheprovider $TESTS \
+timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest -m "not slow" -x -q -p no:cacheprovider $TESTS \
   >"$RES/tests.log" 2>&1 || { echo "tests failed or timed out" >&2; status=1; }
 tail -n 15 "$RES/tests.log"
 echo "   tests took $((SECONDS - t1)) s"
 
 echo "== benchmark (log: $RES/bench.log)"
 t2=$SECONDS
-timeout "${BENCH_TIMEOUT:-300}" "$PY" -m wmkernels.bench --device cuda --out "$RES" "$@" \
+timeout "${BENCH_TIMEOUT:-240}" "$PY" -m wmkernels.bench --device cuda --out "$RES" "$@" \
   >"$RES/bench.log" 2>&1 || { echo "benchmark failed or timed out (partial results kept)" >&2; status=1; }
 grep -E "^\[|failed|Error" "$RES/bench.log" | tail -n 20
 echo "   benchmark took $((SECONDS - t2)) s; total $((SECONDS - t0)) s"
