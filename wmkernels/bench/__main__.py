@@ -90,18 +90,34 @@ def _timing_settings(quick: bool, device: str) -> dict:
 def time_ops(ops: list[str], device: str, quick: bool, rounds: int, dtypes, label: str, progress=None) -> dict:
     """Roofline + every case of `ops`, in this process. Returns {"roofline", "cases"}; calls
     `progress(roofline, results so far)` after each case when given."""
+    import gc
+
     import torch
 
     from . import harness, roofline
 
     _say(f"[{label}] measuring the roofline on {device}")
     rl_before = roofline.measure(device, quick)
-    results = []
+    results, skipped = [], {}
     for op in ops:
-        cases = load_cases(op, device, quick, dtypes)
+        try:
+            cases = load_cases(op, device, quick, dtypes)
+        except Exception as exc:  # a broken cases file must not cost the other ops their run
+            skipped[op] = f"cases() failed: {type(exc).__name__}: {exc}"
+            _say(f"[{label}] skipping {op}: {skipped[op]}")
+            continue
         for case in cases:
             _say(f"[{label}] {op}/{case.name}: {', '.join(harness.active_contenders(case, quick))}")
-            res = harness.run_case(case, device, quick=quick, rounds=rounds, **_timing_settings(quick, device))
+            try:
+                res = harness.run_case(case, device, quick=quick, rounds=rounds, **_timing_settings(quick, device))
+            except Exception as exc:  # e.g. out of memory while timing
+                res = {"op": op, "name": case.name, "size": case.size, "dtype": harness.case_dtype(case),
+                       "sweep": case.sweep, "params": {}, "bytes_moved": case.bytes_moved, "flops": case.flops,
+                       "reference": case.reference, "status": "error", "contenders": {}, "floor": None,
+                       "error": f"{type(exc).__name__}: {exc}"}
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
             res["allocator"] = label
             for name, c in res["contenders"].items():
                 if c["status"] != "ok":
@@ -117,7 +133,7 @@ def time_ops(ops: list[str], device: str, quick: bool, rounds: int, dtypes, labe
         "matmul_tflops": {k: max(v, rl_after["matmul_tflops"][k]) for k, v in rl_before["matmul_tflops"].items()},
         "before": rl_before, "after": rl_after,
     }
-    return {"roofline": rl, "cases": results}
+    return {"roofline": rl, "cases": results, "skipped": skipped}
 
 
 def memory_worker(args) -> dict:
@@ -307,6 +323,7 @@ def run(args) -> Path:
             for res in got["cases"]:
                 res["allocator"] = label
             cases += got["cases"]
+            skipped.update(got.get("skipped", {}))
         primary = next(iter(plan))
         if not args.no_memory:
             _measure_cpu_memory(args, [c for c in cases if c["allocator"] == primary])
@@ -325,6 +342,7 @@ def run(args) -> Path:
         got = time_ops(ops, device, args.quick, args.rounds, _dtypes(args), label, progress=partial)
         runs[label] = {"roofline": got["roofline"], "allocator_desc": desc, "env": env}
         cases = got["cases"]
+        skipped.update(got["skipped"])
         primary = label
     _write(out_dir, args, ops, skipped, runs, cases, primary, memory_method)
     print((out_dir / "results.md").read_text())
@@ -367,7 +385,8 @@ def main(argv=None) -> int:
     out_dir = run(args)
     payload = json.loads((out_dir / "results.json").read_text())
     failed = [f"{c['op']}/{c['name']}/{n}" for c in payload["cases"] for n, r in c["contenders"].items()
-              if r["status"] != "ok"] + [f"{c['op']}/{c['name']}" for c in payload["cases"] if c["status"] != "ok"]
+              if r["status"] != "ok"] + [f"{c['op']}/{c['name']}" for c in payload["cases"] if c["status"] != "ok"] + \
+             [op for op, why in payload["skipped_ops"].items() if why.startswith("cases() failed")]
     if failed:
         _say(f"{len(failed)} contender(s) failed or errored: {', '.join(failed)}")
         return 1
