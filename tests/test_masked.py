@@ -358,3 +358,10 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="pos_embed"):
         wmkernels.unshuffle_with_mask_tokens(vis, torch.zeros(4), torch.zeros(2, 4, dtype=torch.int64),
                                              torch.zeros(1, 5, 4))
+
+
+def test_module_wrapper():
+    video, index, pred = _loss_inputs(LOSS_CASES[3], torch.float32, torch.float32, "contiguous")
+    loss = wmkernels.nn.MaskedMSELoss((2, 8, 8), "BTCHW", norm_pix=False, backend="torch")(pred, video, index)
+    want = wmkernels.masked_mse_loss(pred, video, index, (2, 8, 8), "BTCHW", norm_pix=False, backend="torch")
+    assert torch.equal(loss, want)

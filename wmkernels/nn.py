@@ -6,6 +6,7 @@ import math
 import torch
 
 from .ops.contrastive import contrastive_loss
+from .ops.masked import masked_mse_loss
 from .ops.mse import mse_loss
 
 
@@ -56,3 +57,19 @@ class ContrastiveLoss(torch.nn.Module):
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None = None):
         scale = None if self.logit_scale is None else self.logit_scale.exp().clamp(max=self.max_scale)
         return contrastive_loss(z1, z2, temperature=self.temperature, logit_scale=scale, labels=labels, **self.options)
+
+
+class MaskedMSELoss(torch.nn.Module):
+    """Masked patch reconstruction loss backed by `wmkernels.masked_mse_loss`;
+    `forward(pred, video, index)` with `index` = ids_masked (B, M) int64 or a (B, N) bool mask."""
+
+    def __init__(self, tubelet=(2, 16, 16), layout: str = "BCTHW", norm_pix: bool = True, norm_mode: str = "mae",
+                 eps: float = 1e-6, mean=None, std=None, backend: str | None = None) -> None:
+        super().__init__()
+        self.tubelet, self.layout, self.backend = tuple(tubelet), layout, backend
+        self.norm_pix, self.norm_mode, self.eps, self.mean, self.std = norm_pix, norm_mode, eps, mean, std
+
+    def forward(self, pred: torch.Tensor, video: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return masked_mse_loss(pred, video, index, self.tubelet, self.layout, norm_pix=self.norm_pix,
+                               norm_mode=self.norm_mode, eps=self.eps, mean=self.mean, std=self.std,
+                               backend=self.backend)
