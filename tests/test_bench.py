@@ -80,6 +80,17 @@ def test_quick_mode_drops_compile_and_floor_is_reported():
     assert eager["floor_fraction"] == pytest.approx(res["floor"]["median_s"] / eager["median_s"])
 
 
+def test_failing_reference_leaves_the_others_timed_but_unchecked():
+    def oom(d):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    case = _tiny_case(fused=_double)
+    case.contenders["eager"] = oom
+    res = harness.run_case(case, "cpu", quick=False, **FAST)
+    assert res["contenders"]["eager"]["status"] == "error" and "out of memory" in res["contenders"]["eager"]["error"]
+    assert res["contenders"]["fused"]["status"] == "unchecked" and res["contenders"]["fused"]["median_s"] > 0
+
+
 def test_missing_reference_is_a_case_error():
     case = _tiny_case()
     case.reference = "nope"
@@ -112,6 +123,24 @@ def test_report_files_are_written(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "## toy" in md and "**FAILED**" in md and "| tiny | eager |" in md
     assert set(files) >= {"results.json", "results.md"}
+
+
+def test_plots_time_vs_size_and_memory_vs_batch(tmp_path):
+    pytest.importorskip("matplotlib")
+    roof = {"copy_gbps": 10.0, "matmul_tflops": {"float32": 1.0}}
+    cases = []
+    for b in (8, 16, 32):
+        case = _tiny_case()
+        case.name, case.size, case.params = f"B{b}", b * 100, {"B": b, "D": 4}
+        res = harness.run_case(case, "cpu", quick=False, **FAST)
+        res["allocator"] = "caching"
+        res["contenders"]["eager"]["peak_extra_bytes"] = b << 20
+        cases.append(harness.derive_metrics(res, roof))
+    payload = {"primary_run": "caching", "runs": {"caching": {"roofline": roof}},
+               "machine": {"device_name": "test cpu"}, "cases": cases}
+    files = report.write_plots(tmp_path, payload)
+    assert files == ["toy-D-4-time.png", "toy-D-4-memory.png"]
+    assert all((tmp_path / f).stat().st_size > 1000 for f in files)
 
 
 def test_roofline_measures_copy_and_matmul():

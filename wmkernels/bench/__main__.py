@@ -265,7 +265,7 @@ def _measure_cpu_memory(args, results: list[dict]) -> None:
     by_op: dict[str, list] = {}
     for res in results:
         if res["status"] == "ok":
-            names = [n for n, c in res["contenders"].items() if c["status"] == "ok"]
+            names = [n for n, c in res["contenders"].items() if c["status"] in ("ok", "unchecked")]
             by_op.setdefault(res["op"], []).extend([(res, [n]) for n in names] if not args.quick else [(res, names)])
     jobs = []
     for op, items in by_op.items():
@@ -384,9 +384,14 @@ def main(argv=None) -> int:
         return 0
     out_dir = run(args)
     payload = json.loads((out_dir / "results.json").read_text())
-    failed = [f"{c['op']}/{c['name']}/{n}" for c in payload["cases"] for n, r in c["contenders"].items()
-              if r["status"] != "ok"] + [f"{c['op']}/{c['name']}" for c in payload["cases"] if c["status"] != "ok"] + \
-             [op for op, why in payload["skipped_ops"].items() if why.startswith("cases() failed")]
+    failed = []
+    for c in payload["cases"]:
+        if c["status"] != "ok":
+            failed.append(f"{c['op']}/{c['name']}")
+        for n, r in c["contenders"].items():  # out of memory is a result (eager at the largest shapes), not a bug
+            if r["status"] == "FAILED" or (r["status"] == "error" and "out of memory" not in r["error"].lower()):
+                failed.append(f"{c['op']}/{c['name']}/{n}")
+    failed += [op for op, why in payload["skipped_ops"].items() if why.startswith("cases() failed")]
     if failed:
         _say(f"{len(failed)} contender(s) failed or errored: {', '.join(failed)}")
         return 1

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 COMPILE_PREFIX = "compile"
+TIMED = ("ok", "unchecked")  # statuses that are timed; "unchecked": the reference itself failed
 
 
 @dataclasses.dataclass
@@ -227,6 +228,12 @@ def allow_recompiles() -> None:
             setattr(cfg, name, max(getattr(cfg, name), 256))
 
 
+def _release(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def run_case(case: Case, device: str, *, quick: bool, rounds: int, warmup: int, min_sample_s: float,
              max_seconds: float, measure_cuda_memory: bool | None = None) -> dict:
     """Check, then time one case. Returns a JSON-ready dict; memory is filled in here on CUDA and by
@@ -246,27 +253,39 @@ def run_case(case: Case, device: str, *, quick: bool, rounds: int, warmup: int, 
     try:
         inputs = case.setup()
         sync(device)
+    except Exception as exc:  # one broken case must not stop the suite
+        res.update(status="error", error=f"setup: {type(exc).__name__}: {exc}")
+        return res
+    ref_out, ref_err = None, ""
+    try:
         ref_out = fns[case.reference](inputs)
         sync(device)
-    except Exception as exc:  # one broken case must not stop the suite
-        res.update(status="error", error=f"setup/reference: {type(exc).__name__}: {exc}")
-        return res
+    except Exception as exc:  # e.g. eager out of memory where a fused kernel fits: time the others unchecked
+        ref_err = f"{type(exc).__name__}: {exc}"
+        _release(device)
     timed = {}
     for name, fn in fns.items():
         entry = {"status": "ok", "error": "", "max_abs_err": 0.0}
-        if name != case.reference:
+        if name == case.reference:
+            if ref_err:
+                entry.update(status="error", error=ref_err)
+        else:
             try:
                 out = fn(inputs)
                 sync(device)
-                ok, why, err = compare(out, ref_out, case.rtol, case.atol)
+                if ref_out is None:
+                    entry.update(status="unchecked", error=f"reference {case.reference!r} failed: nothing to compare with")
+                else:
+                    ok, why, err = compare(out, ref_out, case.rtol, case.atol)
+                    entry["max_abs_err"] = err
+                    if not ok:
+                        entry.update(status="FAILED", error=why)
                 del out
-                entry["max_abs_err"] = err
-                if not ok:
-                    entry.update(status="FAILED", error=why)
             except Exception as exc:
                 entry.update(status="error", error=f"{type(exc).__name__}: {exc}")
+                _release(device)
         res["contenders"][name] = entry
-        if entry["status"] == "ok":
+        if entry["status"] in TIMED:
             timed[name] = fn
     del ref_out
     if case.floor is not None:
@@ -299,7 +318,7 @@ def derive_metrics(res: dict, roofline: dict) -> dict:
 
     def median(name):
         c = cs.get(name)
-        return c.get("median_s") if c and c.get("status") == "ok" else None
+        return c.get("median_s") if c and c.get("status") in TIMED else None
 
     eager, comp, ref = median("eager"), median("compile"), median(res.get("reference"))
     floor = res["floor"]["median_s"] if res.get("floor") else None
@@ -307,7 +326,7 @@ def derive_metrics(res: dict, roofline: dict) -> dict:
     peak = roofline.get("matmul_tflops", {})
     peak_flops = peak.get("bfloat16" if res.get("dtype") in ("bfloat16", "float16") else "float32")
     for c in cs.values():
-        t = c.get("median_s") if c.get("status") == "ok" else None
+        t = c.get("median_s") if c.get("status") in TIMED else None
         if not t:
             continue
         c["speedup_vs_eager"] = eager / t if eager else None

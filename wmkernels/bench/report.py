@@ -95,7 +95,7 @@ def _table(cases: list[dict]) -> list[str]:
         if c.get("floor"):
             rows.append(("(memory floor)", {**c["floor"], "status": "ok", "floor_row": True}))
         for name, r in rows:
-            ok = r.get("status") == "ok"
+            ok = r.get("status") in ("ok", "unchecked")
             cells = [c["name"], name]
             if ok:
                 cells += [_f(r["median_s"], ".3f", 1e3), f"{_f(r['q1_s'], '.3f', 1e3)}–{_f(r['q3_s'], '.3f', 1e3)}",
@@ -145,6 +145,20 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-") or "all"
 
 
+_BATCH_KEYS = ("batch", "batch_size", "B")
+_NOT_SERIES = {"shape", "size", "steps", *_BATCH_KEYS}
+
+
+def _batch(case: dict):
+    return next((case["params"][k] for k in _BATCH_KEYS if case["params"].get(k) is not None), None)
+
+
+def _series(case: dict) -> str | None:
+    """Cases without a `sweep` form a series with the cases whose other parameters are equal."""
+    rest = {k: v for k, v in case["params"].items() if k not in _NOT_SERIES}
+    return " ".join(f"{k}={v}" for k, v in sorted(rest.items())) or None
+
+
 def write_plots(out_dir: Path, payload: dict) -> list[str]:
     """PNG plots; returns the file names (none, with a log message, when matplotlib is missing)."""
     try:
@@ -161,10 +175,10 @@ def write_plots(out_dir: Path, payload: dict) -> list[str]:
     groups = defaultdict(list)
     for c in payload["cases"]:
         if c["allocator"] == primary and c["status"] == "ok":
-            groups[(c["op"], c.get("sweep"))].append(c)
-    swept_ops = {op for op, sweep in groups if sweep}
+            groups[(c["op"], c.get("sweep") or _series(c))].append(c)
+    swept_ops = {c["op"] for c in payload["cases"] if c.get("sweep")}
     for (op, sweep), cases in groups.items():
-        if (sweep is None and op in swept_ops) or len(cases) < 2:
+        if (op in swept_ops and not any(c.get("sweep") for c in cases)) or len({c["size"] for c in cases}) < 2:
             continue
         cases.sort(key=lambda c: c["size"])
         with_bw = all(c.get("bytes_moved") for c in cases)
@@ -200,13 +214,13 @@ def write_plots(out_dir: Path, payload: dict) -> list[str]:
         plt.close(fig)
         files.append(name)
     for (op, sweep), cases in groups.items():
-        pts = [c for c in cases if c["params"].get("batch") is not None]
-        if len({c["params"]["batch"] for c in pts}) < 2:
+        pts = [c for c in cases if _batch(c) is not None]
+        if len({_batch(c) for c in pts}) < 2:
             continue
-        pts.sort(key=lambda c: c["params"]["batch"])
+        pts.sort(key=_batch)
         fig, ax = plt.subplots(figsize=(6, 4.2))
         for n in sorted({n for c in pts for n in c["contenders"]}):
-            xy = [(c["params"]["batch"], c["contenders"][n]["peak_extra_bytes"] / _MIB) for c in pts
+            xy = [(_batch(c), c["contenders"][n]["peak_extra_bytes"] / _MIB) for c in pts
                   if c["contenders"].get(n, {}).get("peak_extra_bytes") is not None]
             if xy:
                 ax.plot(*zip(*xy), "o-", label=n)

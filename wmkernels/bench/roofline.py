@@ -2,7 +2,6 @@
 written per second by a large tensor copy) and matmul throughput (fp32, bf16)."""
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -10,7 +9,8 @@ import torch
 from .harness import sync
 
 
-def _median_time(fn, device: str, repeats: int) -> float:
+def _best_time(fn, device: str, repeats: int) -> float:
+    """Shortest of `repeats` timed calls after one warm-up: a peak is what the device can do."""
     fn()
     sync(device)
     times = []
@@ -20,7 +20,7 @@ def _median_time(fn, device: str, repeats: int) -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def copy_bandwidth(device: str, nbytes: int, repeats: int = 7) -> float:
@@ -28,7 +28,7 @@ def copy_bandwidth(device: str, nbytes: int, repeats: int = 7) -> float:
     n = nbytes // 4
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
-    return 2 * n * 4 / _median_time(lambda: dst.copy_(src), device, repeats) / 1e9
+    return 2 * n * 4 / _best_time(lambda: dst.copy_(src), device, repeats) / 1e9
 
 
 def matmul_tflops(device: str, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
@@ -36,7 +36,7 @@ def matmul_tflops(device: str, dtype: torch.dtype, n: int, repeats: int = 5) -> 
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / _median_time(lambda: torch.mm(a, b, out=c), device, repeats) / 1e12
+    return 2 * n**3 / _best_time(lambda: torch.mm(a, b, out=c), device, repeats) / 1e12
 
 
 def measure(device: str, quick: bool) -> dict:
