@@ -37,6 +37,8 @@ def test_wrong_contender_is_failed_and_not_timed():
     assert cs["raises"]["status"] == "error" and "ZeroDivisionError" in cs["raises"]["error"]
     for name in ("wrong", "misshaped", "raises"):
         assert "median_s" not in cs[name]
+    only_wrong = harness.run_case(_tiny_case(eager=lambda d: 1 / 0, x=lambda d: 1 / 0), "cpu", quick=False, **FAST)
+    assert all(c["status"] == "error" for c in only_wrong["contenders"].values())  # nothing to time: no crash
 
 
 def test_compare_checks_every_output_of_a_tuple():

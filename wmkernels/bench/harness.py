@@ -262,7 +262,8 @@ def run_case(case: Case, device: str, *, quick: bool, rounds: int, warmup: int, 
         sync(device)
     except Exception as exc:  # e.g. eager out of memory where a fused kernel fits: time the others unchecked
         ref_err = f"{type(exc).__name__}: {exc}"
-        _release(device)
+    if ref_err:
+        _release(device)  # after the except block, so the traceback no longer holds its tensors
     timed = {}
     for name, fn in fns.items():
         entry = {"status": "ok", "error": "", "max_abs_err": 0.0}
@@ -283,6 +284,7 @@ def run_case(case: Case, device: str, *, quick: bool, rounds: int, warmup: int, 
                 del out
             except Exception as exc:
                 entry.update(status="error", error=f"{type(exc).__name__}: {exc}")
+            if entry["status"] == "error":
                 _release(device)
         res["contenders"][name] = entry
         if entry["status"] in TIMED:
@@ -295,7 +297,7 @@ def run_case(case: Case, device: str, *, quick: bool, rounds: int, warmup: int, 
         except Exception as exc:
             res["floor_error"] = f"{type(exc).__name__}: {exc}"
     stats = interleaved_timing(timed, inputs, device, rounds=rounds, warmup=warmup,
-                               min_sample_s=min_sample_s, max_seconds=max_seconds)
+                               min_sample_s=min_sample_s, max_seconds=max_seconds) if timed else {}
     for name, st in stats.items():
         if name == "__floor__":
             res["floor"] = st
@@ -306,8 +308,14 @@ def run_case(case: Case, device: str, *, quick: bool, rounds: int, warmup: int, 
     if measure_cuda_memory:
         for name, fn in timed.items():
             if name != "__floor__":
-                res["contenders"][name]["peak_extra_bytes"] = cuda_peak_extra_bytes(fn, inputs)
-                res["contenders"][name]["memory_method"] = "torch.cuda.max_memory_allocated"
+                c = res["contenders"][name]
+                try:
+                    c["peak_extra_bytes"] = cuda_peak_extra_bytes(fn, inputs)
+                    c["memory_method"] = "torch.cuda.max_memory_allocated"
+                except Exception as exc:
+                    c["peak_extra_bytes"], c["memory_method"] = None, f"failed: {type(exc).__name__}: {exc}"
+                if c["peak_extra_bytes"] is None:
+                    _release(device)
     return res
 
 
