@@ -225,6 +225,7 @@ def make_config(overrides: dict | None = None, preset: str | None = None, file: 
     overrides = dict(overrides or {})
     from_file = load_file(file) if file else {}
     preset = overrides.pop("preset", None) or from_file.pop("preset", None) or preset or "tiny"
+    from_file.pop("preset", None)
     if preset not in PRESETS:
         raise ConfigError(f"preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
     values = {"preset": preset, **PRESETS[preset], **from_file, **overrides}
@@ -288,18 +289,27 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"steps: expected 0 or at least one per curriculum stage ({len(cfg.curriculum)}), got {cfg.steps}")
 
 
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wmkernels-train",
         description="Pre-train a small video world model with wmkernels losses "
         "(single process, or under torchrun --nproc_per_node N).",
+        epilog="Values come from the built-in defaults, then --preset (tiny, small, base), then --config, "
+        "then these options. A step with a non-finite loss (or gradient, outside fp16) is skipped and "
+        "counted; after --max-nonfinite in a row the run saves a checkpoint and stops (exit code 3). "
+        "Bad data paths or checkpoints exit with code 2.",
     )
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (applied after the preset)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_text = f"{f.metadata['doc']} (built-in default: {shown}; presets may change it)"
+        tiny = PRESETS["tiny"].get(f.name, default)
+        help_text = f"{f.metadata['doc']} (default: {_show(default)}" + (
+            f"; tiny preset: {_show(tiny)})" if tiny != default else ")")
         kind = _field_type(f.name)
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
