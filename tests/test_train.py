@@ -308,3 +308,11 @@ def test_wandb_missing_is_a_clear_message(tmp_path, caplog, monkeypatch):
     _, out = train(tmp_path, wandb=True, curriculum=[Stage(16, 4, 2)])
     assert out["step"] == 2
     assert "--wandb given but wandb is not installed (pip install wandb)" in caplog.text
+
+
+def test_stream_with_workers_same_batches():
+    ds = SyntheticVideo(16, 2, 8)
+    plain, workers = DataStream(ds, 4, 0, 1, seed=2), DataStream(ds, 4, 0, 1, seed=2, num_workers=2)
+    for _ in range(5):  # crosses an epoch
+        (a, ia), (b, ib) = next(plain), next(workers)
+        assert torch.equal(ia, ib) and torch.equal(a, b)
