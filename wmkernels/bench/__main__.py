@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "defaults, or both (auto: both for mse in a full run, else caching)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--jobs", type=int, default=2, help="CPU memory-measurement processes run at once")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for the timed code (default: torch's own choice)")
     p.add_argument("--in-process", action="store_true",
                    help="CPU: time in this process with its own allocator settings, no memory measurement")
     p.add_argument("--worker", choices=("time", "memory"), help=argparse.SUPPRESS)
@@ -65,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.rounds is None:
         args.rounds = 5 if args.quick else 15
     return args
+
+
+def _threads_argv(args) -> list[str]:
+    return ["--threads", str(args.threads)] if args.threads else []
 
 
 def _dtypes(args) -> set[str] | None:
@@ -249,7 +255,7 @@ def _git_commit() -> str | None:
     return (sha + ("-dirty" if dirty else "")) if sha else None
 
 
-def default_out(device: str, quick: bool) -> Path:
+def default_out(device: str, quick: bool, threads: int | None = None) -> Path:
     if device.startswith("cuda"):
         import torch
 
@@ -257,6 +263,7 @@ def default_out(device: str, quick: bool) -> Path:
     else:
         tag = "cpu"
     date = datetime.date.today().isoformat()
+    tag += f"-{threads}thread" if threads else ""
     return Path("benchmarks") / "results" / f"{tag}-{date}{'-quick' if quick else ''}"
 
 
@@ -273,7 +280,7 @@ def _measure_cpu_memory(args, results: list[dict]) -> None:
         for group in groups:
             spec = json.dumps([[res["name"], names] for res, names in group])
             argv = ["--worker", "memory", "--device", args.device, "--op", op, "--case", spec] + \
-                   (["--quick"] if args.quick else [])
+                   (["--quick"] if args.quick else []) + _threads_argv(args)
             jobs.append((group, argv))
     env = _worker_env(MEMORY_ENV)
     _say(f"measuring peak memory: {len(jobs)} processes, {args.jobs} at a time")
@@ -308,13 +315,13 @@ def run(args) -> Path:
             _say(f"skipping {op}: wmkernels/bench/{op}.py not found")
         else:
             ops.append(op)
-    out_dir = Path(args.out) if args.out else default_out(device, args.quick)
+    out_dir = Path(args.out) if args.out else default_out(device, args.quick, args.threads)
     runs, cases = {}, []
     if device == "cpu" and not args.in_process:
         plan = _allocator_plan(args, ops)
         for label, (plan_ops, env, drop, desc) in plan.items():
             argv = ["--worker", "time", "--device", device, "--op", ",".join(plan_ops),
-                    "--rounds", str(args.rounds)] + (["--quick"] if args.quick else []) + \
+                    "--rounds", str(args.rounds)] + (["--quick"] if args.quick else []) + _threads_argv(args) + \
                    (["--dtype", args.dtype] if args.dtype else [])
             worker_env = _worker_env(env, drop)
             got = _run_worker(argv + ["--allocator", "caching"], worker_env, timeout=3600)
@@ -358,7 +365,7 @@ def _write(out_dir: Path, args, ops, skipped, runs, cases, primary, memory_metho
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(args.device),
         "config": {"command": "wmkernels-bench " + " ".join(sys.argv[1:]), "ops": ops, "device": args.device,
-                   "quick": args.quick, "dtype": args.dtype, "rounds": args.rounds,
+                   "quick": args.quick, "dtype": args.dtype, "rounds": args.rounds, "threads": args.threads,
                    **_timing_settings(args.quick, args.device)},
         "memory_method": memory_method,
         "primary_run": primary,
@@ -374,6 +381,10 @@ def _write(out_dir: Path, args, ops, skipped, runs, cases, primary, memory_metho
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.worker == "time":
         got = time_ops([o for o in args.op.split(",") if o], args.device, args.quick, args.rounds, _dtypes(args),
                        "worker")
