@@ -1,11 +1,13 @@
 // Contrastive (InfoNCE) sweep on CPU: logits = scale * a @ b.T recomputed tile by tile, never B x B.
-// Forward: per-row (and per-column when symmetric) max-stable logsumexp, max and argmax, merged
-// online across tiles, both directions from the same tile. Backward: recomputes each tile, turns
-// it in place into the softmax part of d loss / d logits, G = g_row P + g_col Q, and accumulates
-// G @ b and G.T @ a. Each tile is an ATen matmul (all cores) plus fused, vectorized passes over
-// the tile while it is in cache (2 exps per logit forward, 2 backward). Extra memory: one tile
-// buffer plus O(B) statistics. a, b are the prepared (normalized, fp32/fp64, contiguous) rows;
-// the label and smoothing terms are O(B D) and handled by the caller.
+// Forward: per-row (and per-column when symmetric) max-stable logsumexp, max, argmax and positive
+// logit, merged online across tiles, both directions from the same tile. Backward: recomputes
+// each tile and turns it in place into d loss / d logits,
+//   G = g_row (P - pos_weight onehot(labels_row) - smooth_row)
+//     + g_col (Q - pos_weight onehot(labels_col) - smooth_col)   (column terms when symmetric),
+// then accumulates G @ b and G.T @ a. Each tile is an ATen matmul (all cores) plus fused,
+// vectorized passes over the tile while it is in cache (2 exps per logit forward, 2 backward).
+// Extra memory: one tile buffer plus O(B) statistics. a, b are the prepared (normalized,
+// fp32/fp64, contiguous) rows; a label of -1 has no positive among these columns.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -79,14 +81,14 @@ WMK_INLINE void col_exp_impl(const T* x, int64_t n, const T* cm, T* cs) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) cs[j] += exp_acc(x[j] - cm[j]);
 }
-// Backward: x <- g_r exp(s x - lse_r) [+ g_c[j] exp(s x - lse_c[j])], in place.
+// Backward: x <- g_r (exp(s x - lse_r) - sr) [+ g_c[j] (exp(s x - lse_c[j]) - sc)], in place.
 template <typename T, bool SYM>
-WMK_INLINE void grad_row_impl(T* x, int64_t n, T s, T lse_r, T g_r, const T* lse_c, const T* g_c) {
+WMK_INLINE void grad_row_impl(T* x, int64_t n, T s, T lse_r, T g_r, T sr, const T* lse_c, const T* g_c, T sc) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const T v = s * x[j];
-    T g = g_r * exp_acc(v - lse_r);
-    if constexpr (SYM) g += g_c[j] * exp_acc(v - lse_c[j]);
+    T g = g_r * (exp_acc(v - lse_r) - sr);
+    if constexpr (SYM) g += g_c[j] * (exp_acc(v - lse_c[j]) - sc);
     x[j] = g;
   }
 }
@@ -98,11 +100,12 @@ WMK_INLINE void grad_row_impl(T* x, int64_t n, T s, T lse_r, T g_r, const T* lse
     col_max_impl<T>(x, n, cm, carg, row);                                                                \
   }                                                                                                      \
   WMK_CLONES void col_exp(const T* x, int64_t n, const T* cm, T* cs) { col_exp_impl<T>(x, n, cm, cs); }  \
-  WMK_CLONES void grad_row(T* x, int64_t n, T s, T lr, T gr, const T* lc, const T* gc, bool sym) {       \
+  WMK_CLONES void grad_row(T* x, int64_t n, T s, T lr, T gr, T sr, const T* lc, const T* gc, T sc,       \
+                           bool sym) {                                                                   \
     if (sym) {                                                                                           \
-      grad_row_impl<T, true>(x, n, s, lr, gr, lc, gc);                                                   \
+      grad_row_impl<T, true>(x, n, s, lr, gr, sr, lc, gc, sc);                                           \
     } else {                                                                                             \
-      grad_row_impl<T, false>(x, n, s, lr, gr, lc, gc);                                                  \
+      grad_row_impl<T, false>(x, n, s, lr, gr, sr, lc, gc, sc);                                          \
     }                                                                                                    \
   }
 WMK_KERNELS(float)
@@ -119,11 +122,14 @@ int64_t first_index(const T* x, int64_t n, T m) {
 
 // Merges one scaled tile S (ti x tj, row stride ld) into the running row statistics of its rows.
 template <typename T>
-void rows_update(T* S, int64_t ti, int64_t tj, int64_t ld, T s, int64_t j0, T* rm, T* rs, int64_t* rarg) {
+void rows_update(T* S, int64_t ti, int64_t tj, int64_t ld, T s, int64_t j0, const int64_t* lab, T* rm, T* rs,
+                 int64_t* rarg, T* rpos) {
   at::parallel_for(0, ti, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       T* x = S + i * ld;
       const T tmax = scale_max(x, tj, s);
+      const int64_t y = lab[i] - j0;
+      if (y >= 0 && y < tj) rpos[i] = x[y];
       const T m = std::max(rm[i], tmax);
       const T sum = exp_sum(x, tj, m);
       if (tmax > rm[i]) rarg[i] = j0 + first_index(x, tj, tmax);
@@ -135,7 +141,12 @@ void rows_update(T* S, int64_t ti, int64_t tj, int64_t ld, T s, int64_t j0, T* r
 
 // Merges the (already scaled) tile into the running statistics of its columns.
 template <typename T>
-void cols_update(const T* S, int64_t ti, int64_t tj, int64_t ld, int64_t i0, T* cm, T* cs, int64_t* carg) {
+void cols_update(const T* S, int64_t ti, int64_t tj, int64_t ld, int64_t i0, const int64_t* lab, T* cm, T* cs,
+                 int64_t* carg, T* cpos) {
+  for (int64_t j = 0; j < tj; ++j) {
+    const int64_t y = lab[j] - i0;
+    if (y >= 0 && y < ti) cpos[j] = S[y * ld + j];
+  }
   const int64_t chunks = (tj + kColChunk - 1) / kColChunk;
   at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
     T tm[kColChunk];
@@ -155,17 +166,24 @@ void cols_update(const T* S, int64_t ti, int64_t tj, int64_t ld, int64_t i0, T* 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sweep_fwd_cpu(
-    const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, bool symmetric, int64_t tile) {
+std::vector<at::Tensor> contrastive_sweep_fwd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                                                  const at::Tensor& labels_row, const at::Tensor& labels_col,
+                                                  bool symmetric, int64_t tile) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) && a.is_contiguous() && b.is_contiguous() &&
                   a.scalar_type() == b.scalar_type(),
               "contrastive_sweep_fwd: expected contiguous (M, D), (N, D) rows of one dtype");
   const int64_t M = a.size(0), N = b.size(0), T = std::max<int64_t>(tile, 1);
+  TORCH_CHECK(labels_row.numel() == M && (!symmetric || labels_col.numel() == N),
+              "contrastive_sweep_fwd: expected one label per row (and per column when symmetric)");
+  const at::Tensor lr = labels_row.to(at::kLong).contiguous();
+  const at::Tensor lc = symmetric ? labels_col.to(at::kLong).contiguous() : lr;
   const auto opt = a.options();
   const double inf = std::numeric_limits<double>::infinity();
+  const int64_t nc = symmetric ? N : 0;
   at::Tensor rm = at::full({M}, -inf, opt), rs = at::zeros({M}, opt), rarg = at::zeros({M}, opt.dtype(at::kLong));
-  at::Tensor cm = at::full({symmetric ? N : 0}, -inf, opt), cs = at::zeros({symmetric ? N : 0}, opt);
-  at::Tensor carg = at::zeros({symmetric ? N : 0}, opt.dtype(at::kLong));
+  at::Tensor rpos = at::zeros({M}, opt);
+  at::Tensor cm = at::full({nc}, -inf, opt), cs = at::zeros({nc}, opt), carg = at::zeros({nc}, opt.dtype(at::kLong));
+  at::Tensor cpos = at::zeros({nc}, opt);
   at::Tensor buf = at::empty({std::min(T, M), std::min(T, N)}, opt);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "contrastive_sweep_fwd", [&] {
     const scalar_t s = scale.item<double>();
@@ -178,32 +196,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         at::mm_out(S, ai, b.narrow(0, j0, tj).t());
         scalar_t* sp = buf.data_ptr<scalar_t>();
         const int64_t ld = buf.size(1);
-        rows_update<scalar_t>(sp, ti, tj, ld, s, j0, rm.data_ptr<scalar_t>() + i0, rs.data_ptr<scalar_t>() + i0,
-                              rarg.data_ptr<int64_t>() + i0);
+        rows_update<scalar_t>(sp, ti, tj, ld, s, j0, lr.data_ptr<int64_t>() + i0, rm.data_ptr<scalar_t>() + i0,
+                              rs.data_ptr<scalar_t>() + i0, rarg.data_ptr<int64_t>() + i0,
+                              rpos.data_ptr<scalar_t>() + i0);
         if (symmetric)
-          cols_update<scalar_t>(sp, ti, tj, ld, i0, cm.data_ptr<scalar_t>() + j0, cs.data_ptr<scalar_t>() + j0,
-                                carg.data_ptr<int64_t>() + j0);
+          cols_update<scalar_t>(sp, ti, tj, ld, i0, lc.data_ptr<int64_t>() + j0, cm.data_ptr<scalar_t>() + j0,
+                                cs.data_ptr<scalar_t>() + j0, carg.data_ptr<int64_t>() + j0,
+                                cpos.data_ptr<scalar_t>() + j0);
       }
     }
   });
-  return {rm + rs.log(), rm, rarg, cm + cs.log(), cm, carg};
+  return {rm + rs.log(), rm, rarg, rpos, cm + cs.log(), cm, carg, cpos};
 }
 
 std::tuple<at::Tensor, at::Tensor> contrastive_sweep_bwd_cpu(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& lse_r,
-    const at::Tensor& lse_c, const at::Tensor& g_r, const at::Tensor& g_c, bool symmetric, int64_t tile) {
+    const at::Tensor& lse_c, const at::Tensor& g_r, const at::Tensor& g_c, const at::Tensor& labels_row,
+    const at::Tensor& labels_col, double pos_weight, double smooth_row, double smooth_col, bool symmetric,
+    int64_t tile) {
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && lse_r.is_contiguous() && g_r.is_contiguous() &&
                   (!symmetric || (lse_c.is_contiguous() && g_c.is_contiguous())),
               "contrastive_sweep_bwd: expected contiguous inputs");
   const int64_t M = a.size(0), N = b.size(0), T = std::max<int64_t>(tile, 1);
+  const at::Tensor lab_r = labels_row.to(at::kLong).contiguous();
+  const at::Tensor lab_c = symmetric ? labels_col.to(at::kLong).contiguous() : lab_r;
   at::Tensor ga = at::zeros_like(a), gb = at::zeros_like(b);
   at::Tensor buf = at::empty({std::min(T, M), std::min(T, N)}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "contrastive_sweep_bwd", [&] {
-    const scalar_t s = scale.item<double>();
+    const scalar_t s = scale.item<double>(), pw = pos_weight, sr = smooth_row, sc = smooth_col;
     const scalar_t* lr = lse_r.data_ptr<scalar_t>();
     const scalar_t* gr = g_r.data_ptr<scalar_t>();
     const scalar_t* lc = symmetric ? lse_c.data_ptr<scalar_t>() : nullptr;
     const scalar_t* gc = symmetric ? g_c.data_ptr<scalar_t>() : nullptr;
+    const int64_t* yr = lab_r.data_ptr<int64_t>();
+    const int64_t* yc = lab_c.data_ptr<int64_t>();
     for (int64_t i0 = 0; i0 < M; i0 += T) {
       const int64_t ti = std::min(T, M - i0);
       const at::Tensor ai = a.narrow(0, i0, ti);
@@ -216,10 +242,20 @@ std::tuple<at::Tensor, at::Tensor> contrastive_sweep_bwd_cpu(
         scalar_t* sp = buf.data_ptr<scalar_t>();
         const int64_t ld = buf.size(1);
         at::parallel_for(0, ti, 16, [&](int64_t lo, int64_t hi) {
-          for (int64_t i = lo; i < hi; ++i)
-            grad_row(sp + i * ld, tj, s, lr[i0 + i], gr[i0 + i], symmetric ? lc + j0 : nullptr,
-                     symmetric ? gc + j0 : nullptr, symmetric);
+          for (int64_t i = lo; i < hi; ++i) {
+            scalar_t* x = sp + i * ld;
+            grad_row(x, tj, s, lr[i0 + i], gr[i0 + i], sr, symmetric ? lc + j0 : nullptr,
+                     symmetric ? gc + j0 : nullptr, sc, symmetric);
+            const int64_t y = yr[i0 + i] - j0;
+            if (y >= 0 && y < tj) x[y] -= gr[i0 + i] * pw;
+          }
         });
+        if (symmetric) {
+          for (int64_t j = 0; j < tj; ++j) {
+            const int64_t y = yc[j0 + j] - i0;
+            if (y >= 0 && y < ti) sp[y * ld + j] -= gc[j0 + j] * pw;
+          }
+        }
         ga_i.addmm_(S, bj);
         gb.narrow(0, j0, tj).addmm_(S.t(), ai);
       }
@@ -231,10 +267,11 @@ std::tuple<at::Tensor, at::Tensor> contrastive_sweep_bwd_cpu(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(wmkernels_C, m) {
-  m.def("contrastive_sweep_fwd(Tensor a, Tensor b, Tensor scale, bool symmetric, int tile) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("contrastive_sweep_fwd(Tensor a, Tensor b, Tensor scale, Tensor labels_row, Tensor labels_col, "
+        "bool symmetric, int tile) -> Tensor[]");
   m.def("contrastive_sweep_bwd(Tensor a, Tensor b, Tensor scale, Tensor lse_row, Tensor lse_col, "
-        "Tensor g_row, Tensor g_col, bool symmetric, int tile) -> (Tensor, Tensor)");
+        "Tensor g_row, Tensor g_col, Tensor labels_row, Tensor labels_col, float pos_weight, float smooth_row, "
+        "float smooth_col, bool symmetric, int tile) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(wmkernels_C, CPU, m) {

@@ -1,21 +1,42 @@
 """Compiled contrastive loss (csrc/cpu/contrastive.cpp): same functions as wmkernels.reference.contrastive.
 
-The C++ sweep produces the B x B-dependent parts (logsumexp, max, argmax; G @ b and G.T @ a) tile
-by tile; normalization and the label / smoothing terms are O(B D) and shared with the reference.
+The C++ sweep produces everything that depends on the B x B logits tile by tile: logsumexp, max,
+argmax and the positive logit per row / column forward; G @ b and G.T @ a with the full
+d loss / d logits G (softmax, label and smoothing parts) backward. What is left is O(B D) and done
+in place here: the smoothing sum (a matrix-vector product), the scale, and normalization.
 """
 from __future__ import annotations
+
+import torch
 
 from .. import _ext
 from ..reference import contrastive as ref
 
-TILE = 1024  # rows and columns per logits tile: 4 MiB of fp32, three such buffers at most
+TILE = 2048  # rows and columns per logits tile: 16 MiB of fp32, the one B x B-derived buffer (smaller
+# tiles make the K = D matmuls markedly less efficient)
 
 
 def contrastive_forward(z1, z2, scale, labels_row, labels_col, pos_weight, smooth_row, smooth_col, normalize, symmetric):
     acc = ref.acc_dtype(z1, z2)
     a, b = ref.prepare(z1, normalize, acc), ref.prepare(z2, normalize, acc)
-    core = _ext.load().contrastive_sweep_fwd(a, b, scale, symmetric, TILE)
-    return ref.finish_forward(a, b, scale, labels_row, labels_col, pos_weight, smooth_row, smooth_col, symmetric, core)
+    lse_r, max_r, arg_r, pos_r, lse_c, max_c, arg_c, pos_c = _ext.load().contrastive_sweep_fwd(
+        a, b, scale, labels_row, labels_col, symmetric, TILE
+    )
+    # sum_j logits[i, j] = scale * a_i . sum_j b_j: one matrix-vector product, nothing B x D
+    loss_r = lse_r - pos_weight * pos_r - (smooth_row * scale) * (a @ b.sum(0))
+    if not symmetric:  # the column entries are distinct empty tensors
+        return loss_r, lse_r, max_r, arg_r == labels_row, pos_c, lse_c, max_c, arg_c == labels_col
+    loss_c = lse_c - pos_weight * pos_c - (smooth_col * scale) * (b @ a.sum(0))
+    return loss_r, lse_r, max_r, arg_r == labels_row, loss_c, lse_c, max_c, arg_c == labels_col
+
+
+def _normalize_backward_(dy: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """In place on dy: the gradient through y = z / max(||z||, eps) (see reference.normalize_backward)."""
+    n = torch.linalg.vector_norm(z, dim=1, dtype=dy.dtype)
+    inside = n > ref.EPS
+    coef = torch.where(inside, torch.bmm(y.unsqueeze(1), dy.unsqueeze(2)).view(-1), torch.zeros_like(n))
+    dy.addcmul_(y, coef.unsqueeze(1), value=-1.0)
+    return dy.div_(torch.where(inside, n, torch.full_like(n, ref.EPS)).unsqueeze(1))
 
 
 def contrastive_backward(
@@ -25,8 +46,14 @@ def contrastive_backward(
     acc = ref.acc_dtype(z1, z2)
     a, b = ref.prepare(z1, normalize, acc), ref.prepare(z2, normalize, acc)
     g_row, g_col = g_row.to(acc).contiguous(), g_col.to(acc).contiguous()
-    ga, gb = _ext.load().contrastive_sweep_bwd(a, b, scale, lse_row, lse_col, g_row, g_col, symmetric, TILE)
-    return ref.finish_backward(
-        z1, z2, a, b, scale, labels_row, labels_col, g_row, g_col, pos_weight, smooth_row, smooth_col,
-        normalize, symmetric, ga, gb,
+    ga, gb = _ext.load().contrastive_sweep_bwd(
+        a, b, scale, lse_row, lse_col, g_row, g_col, labels_row, labels_col, pos_weight, smooth_row, smooth_col,
+        symmetric, TILE,
     )
+    dscale = torch.dot(a.view(-1), ga.view(-1))  # sum_ij G_ij a_i . b_j
+    ga.mul_(scale)
+    gb.mul_(scale)
+    if normalize:
+        _normalize_backward_(ga, z1, a)
+        _normalize_backward_(gb, z2, b)
+    return ga.to(z1.dtype), gb.to(z2.dtype), dscale.to(scale.dtype)

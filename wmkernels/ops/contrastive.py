@@ -181,6 +181,14 @@ def _inverse(labels: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(labels).scatter_(0, labels, torch.arange(labels.numel(), device=labels.device))
 
 
+def result_dtype(z1: torch.Tensor, z2: torch.Tensor) -> torch.dtype:
+    """The dtype F.cross_entropy on the logits would return: the inputs' (fp32 under autocast)."""
+    dtype = torch.promote_types(z1.dtype, z2.dtype)
+    if torch.is_autocast_enabled(z1.device.type):
+        dtype = torch.promote_types(dtype, torch.float32)
+    return dtype
+
+
 def _reduce(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return per_row.mean()
@@ -245,7 +253,7 @@ def contrastive_loss(
         z1, z2, scale, labels_row, labels_col, 1.0 - eps, eps / b, eps / b, normalize, symmetric, name
     )
     per_row = 0.5 * (loss_r + loss_c) if symmetric else loss_r
-    loss = _reduce(per_row, reduction).to(torch.promote_types(z1.dtype, z2.dtype))
+    loss = _reduce(per_row, reduction).to(result_dtype(z1, z2))
     if not return_accuracy:
         return loss
     return accuracy_result(loss, hit_r, hit_c if symmetric else None)

@@ -184,7 +184,7 @@ def distributed_loss(z1, z2, scale, labels, eps, normalize, symmetric, return_ac
         if not symmetric:
             loss_c = hit_c = None
     per_row = 0.5 * (loss_r + loss_c) if symmetric else loss_r
-    loss = ops._reduce(per_row, reduction).to(torch.promote_types(z1.dtype, z2.dtype))
+    loss = ops._reduce(per_row, reduction).to(ops.result_dtype(z1, z2))
     if not return_accuracy:
         return loss
     return ops.accuracy_result(loss, hit_r, hit_c)
