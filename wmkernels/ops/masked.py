@@ -245,6 +245,9 @@ def _loss_setup(ctx, inputs, output):
     ctx.args = (tubelet, layout, norm_pix, norm_mode, eps)
     ctx.backend, ctx.fuse_grad = backend, fuse_grad
     ctx.save_for_backward(pred, video, index, mean, std, output[1] if fuse_grad else None)
+    # the fused-gradient output never receives a gradient: do not let autograd allocate zeros for it
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _is_one(t: torch.Tensor) -> bool:
@@ -256,6 +259,8 @@ def _loss_backward(ctx, grad_loss, _grad_fused):
     pred, video, index, mean, std, fused = ctx.saved_tensors
     need_pred, need_video = ctx.needs_input_grad[:2]
     gp = gv = None
+    if grad_loss is None:
+        return (None,) * 13
     if ctx.fuse_grad and need_pred:
         gp = fused if _is_one(grad_loss) else fused * grad_loss.to(fused.dtype)
         need_pred = False
@@ -299,7 +304,11 @@ def _channel_stats(video, channels: int, mean, std, acc: torch.dtype):
         if v is None:
             out.append(None)
             continue
-        t = torch.as_tensor(v, dtype=acc, device=video.device).detach().reshape(-1)
+        t = torch.as_tensor(v, dtype=acc).detach()
+        if t.device != video.device:
+            # a pinned staging copy goes to the GPU without waiting for it (a pageable one would sync)
+            t = t.pin_memory().to(video.device, non_blocking=True) if video.is_cuda else t.to(video.device)
+        t = t.reshape(-1)
         if t.numel() != channels:
             raise ValueError(f"{name}: expected {channels} per-channel values (the video's channels), got {t.numel()}")
         out.append(t.contiguous())

@@ -310,7 +310,7 @@ def _loss_rows(pred, video, index, tubelet, layout, norm_pix, norm_mode, eps, me
     c, gh, gw, vs = _geom(video.shape, video.stride(), tubelet, layout)
     b, r, p = pred.shape
     is_mask = index.dtype == torch.bool
-    denom = index.sum(dtype=acc) if is_mask else torch.tensor(float(index.numel()), dtype=acc, device=pred.device)
+    denom = index.sum(dtype=acc) if is_mask else torch.full((), float(index.numel()), dtype=acc, device=pred.device)
     scale = (2.0 / p) * grad_out.to(acc) / denom
     mean, std, aff = _affine(mean, std, c, acc, video.device)
     row_loss = torch.empty(b * r, dtype=acc, device=pred.device)
