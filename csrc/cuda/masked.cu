@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "masked.h"
 
@@ -223,6 +224,10 @@ void dispatch_video(VDType d, F&& f) {
   }
 }
 
+// The accumulation type is double exactly when an operand is: only that pairing is instantiated.
+template <typename A, typename B>
+constexpr bool kWide = std::is_same_v<A, double> || std::is_same_v<B, double>;
+
 int64_t flat_blocks(int64_t total) {
   int64_t blocks = (total + kThreads - 1) / kThreads;
   if (blocks > 65535LL * 32) blocks = 65535LL * 32;
@@ -235,7 +240,6 @@ void masked_loss_rows_cuda(DType pred_dtype, VDType video_dtype, const void* pre
                            const MaskedLossArgs& a, cudaStream_t stream) {
   const int64_t rows = a.geom.B * a.R;
   if (rows == 0) return;
-  const bool wide = pred_dtype == DType::kFloat64 || video_dtype == VDType::kFloat64;
   const int64_t P = a.geom.pt * a.geom.ph * a.geom.pw * a.geom.C;
   const int64_t G = a.norm_mode == 2 ? a.geom.C : 1;
   dispatch_float(pred_dtype, [&](auto pv) {
@@ -250,7 +254,7 @@ void masked_loss_rows_cuda(DType pred_dtype, VDType video_dtype, const void* pre
         kernel<<<static_cast<unsigned>(rows), kThreads, smem, stream>>>(
             static_cast<const p_t*>(pred), static_cast<const v_t*>(video), a);
       };
-      if (wide) run(double{}); else run(float{});
+      if constexpr (kWide<p_t, v_t>) run(double{}); else run(float{});
     });
   });
 }
@@ -259,7 +263,6 @@ void masked_gather_cuda(VDType video_dtype, DType out_dtype, const void* video, 
                         int64_t K, const void* mean, const void* std, void* out, cudaStream_t stream) {
   const int64_t total = g.B * K * g.pt * g.ph * g.pw * g.C;
   if (total == 0) return;
-  const bool wide = out_dtype == DType::kFloat64 || video_dtype == VDType::kFloat64;
   dispatch_video(video_dtype, [&](auto vv) {
     using v_t = decltype(vv);
     dispatch_float(out_dtype, [&](auto ov) {
@@ -270,7 +273,7 @@ void masked_gather_cuda(VDType video_dtype, DType out_dtype, const void* video, 
             static_cast<const v_t*>(video), g, ids, K, static_cast<const acc_t*>(mean), static_cast<const acc_t*>(std),
             static_cast<o_t*>(out), total);
       };
-      if (wide) run(double{}); else run(float{});
+      if constexpr (kWide<v_t, o_t>) run(double{}); else run(float{});
     });
   });
 }
