@@ -294,17 +294,20 @@ def test_masked_mse_loss_grad_out_one_and_deterministic(backend):
     assert torch.equal(l1, l2) and torch.equal(g1, g2)
 
 
-def test_masked_mse_loss_compiles():
+@pytest.mark.parametrize("backend", FULL_BACKENDS)
+def test_masked_mse_loss_compiles(backend):
     video, index, pred = _loss_inputs(LOSS_CASES[2], torch.float32, torch.float32, "contiguous")
     pred.requires_grad_()
 
     def f(pred, video, index):
-        return wmkernels.masked_mse_loss(pred, video, index, (2, 8, 8), "BCTHW", norm_mode="videomae", backend="torch")
+        return wmkernels.masked_mse_loss(pred, video, index, (2, 8, 8), "BCTHW", norm_mode="videomae", backend=backend)
 
-    out = torch.compile(f, backend="eager", fullgraph=True)(pred, video, index)
-    torch.testing.assert_close(out, f(pred, video, index))
-    out.backward()
-    assert pred.grad is not None
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(pred, video, index)
+    want = f(pred, video, index)
+    torch.testing.assert_close(out, want)
+    (g,) = torch.autograd.grad(out * 2, pred)
+    (g_want,) = torch.autograd.grad(want * 2, pred)
+    torch.testing.assert_close(g, g_want)
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
@@ -365,3 +368,25 @@ def test_module_wrapper():
     loss = wmkernels.nn.MaskedMSELoss((2, 8, 8), "BTCHW", norm_pix=False, backend="torch")(pred, video, index)
     want = wmkernels.masked_mse_loss(pred, video, index, (2, 8, 8), "BTCHW", norm_pix=False, backend="torch")
     assert torch.equal(loss, want)
+
+
+@pytest.mark.parametrize("backend", FULL_BACKENDS)
+def test_gather_and_unshuffle_compile(backend):
+    g = torch.Generator().manual_seed(0)
+    video = make_video(2, 3, (4, 16, 16), "BTCHW", torch.float32).requires_grad_()
+    m = masking.tube(2, (2, 2, 2), 0.5, generator=g)
+    token = torch.randn(384 * 2, generator=g).requires_grad_()
+    pos = torch.randn(1, 8, 384 * 2, generator=g).requires_grad_()
+
+    def f(video):
+        vis = wmkernels.gather_patches(video, m.ids_keep, (2, 8, 8), "BTCHW", backend=backend)
+        vis = torch.cat([vis, vis], dim=-1)
+        return wmkernels.unshuffle_with_mask_tokens(vis, token, m.ids_restore, pos, backend=backend)
+
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(video)
+    want = f(video)
+    assert torch.equal(out, want)
+    grads = torch.autograd.grad(out.square().sum(), [video, token, pos])
+    want_grads = torch.autograd.grad(want.square().sum(), [video, token, pos])
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b)
