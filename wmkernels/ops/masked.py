@@ -477,7 +477,9 @@ def masked_mse_loss(
     if torch.is_autocast_enabled(pred.device.type):
         out_dtype = torch.promote_types(out_dtype, torch.float32)
     name = _backends.resolve("masked_mse_loss", LOSS_SUPPORTED, pred.device, backend)
-    fuse = name == "cpu" and torch.is_grad_enabled() and pred.requires_grad
+    # cpu and torch write the pred gradient while the targets are at hand (one pass over them);
+    # the GPU kernels recompute it in the backward instead of holding it between the passes
+    fuse = name in ("cpu", "torch") and torch.is_grad_enabled() and pred.requires_grad
     loss, _ = masked_mse_loss_op(
         pred, video, index, list(tubelet), layout, bool(norm_pix), norm_mode, float(eps), mean_t, std_t,
         out_dtype, name, fuse,
