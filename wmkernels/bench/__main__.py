@@ -374,7 +374,7 @@ def _write(out_dir: Path, args, ops, skipped, runs, cases, primary, memory_metho
         "roofline": runs[primary]["roofline"],
         "cases": cases,
     }
-    files = report.write_all(out_dir, payload)
+    files = report.write_all(out_dir, payload, plots=not quiet)  # partial writes skip the slow plots
     if not quiet:
         _say(f"wrote {', '.join(files)} to {out_dir}")
 

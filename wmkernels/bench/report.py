@@ -236,9 +236,9 @@ def write_plots(out_dir: Path, payload: dict) -> list[str]:
     return files
 
 
-def write_all(out_dir: Path, payload: dict) -> list[str]:
+def write_all(out_dir: Path, payload: dict, plots: bool = True) -> list[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload["plots"] = write_plots(out_dir, payload)
+    payload["plots"] = write_plots(out_dir, payload) if plots else []
     write_json(out_dir / "results.json", payload)
     write_markdown(out_dir / "results.md", payload)
     return ["results.json", "results.md", *payload["plots"]]
