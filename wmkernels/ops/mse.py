@@ -70,6 +70,9 @@ def _setup_context(ctx, inputs, output):
     loss, grad = output
     ctx.reduction, ctx.backend, ctx.fuse_grad = reduction, backend, fuse_grad
     ctx.save_for_backward(input, target, weight, loss, grad if fuse_grad else None)
+    # the fused gradient is a by-product: no gradient flows into it, and none is zero-filled for it
+    ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)
 
 
 def _is_one(t: torch.Tensor) -> bool:
@@ -81,6 +84,8 @@ def _backward(ctx, grad_loss, _grad_fused):
     input, target, weight, loss, fused = ctx.saved_tensors
     need_input, need_target, need_weight = ctx.needs_input_grad[:3]
     gi = gt = gw = None
+    if grad_loss is None:
+        return gi, gt, gw, None, None, None, None
     if ctx.fuse_grad and (need_input or need_target):
         g = fused if _is_one(grad_loss) else fused * grad_loss
         gi = g if need_input else None
