@@ -239,19 +239,26 @@ def test_module_form(backend):
     torch.testing.assert_close(crit(x, y), torch.nn.MSELoss(reduction="sum")(x, y))
 
 
+def _ddp_step(backend):
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 8))
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    wmkernels.mse_loss(model(x), y, backend=backend).backward()
+    ref = torch.nn.Linear(8, 8)
+    ref.load_state_dict(model.module.state_dict())
+    F.mse_loss(ref(x), y).backward()
+    torch.testing.assert_close(model.module.weight.grad, ref.weight.grad)
+
+
 def test_inside_ddp(backend, tmp_path):
+    import gc
+
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 8))
-        x, y = torch.randn(4, 8), torch.randn(4, 8)
-        wmkernels.mse_loss(model(x), y, backend=backend).backward()
-        ref = torch.nn.Linear(8, 8)
-        ref.load_state_dict(model.module.state_dict())
-        F.mse_loss(ref(x), y).backward()
-        torch.testing.assert_close(model.module.weight.grad, ref.weight.grad)
+        _ddp_step(backend)
     finally:
+        gc.collect()  # the DDP reducer holds the process group: release it before destroying the group
         dist.destroy_process_group()
 
 
