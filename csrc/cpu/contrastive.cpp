@@ -28,8 +28,8 @@ namespace {
 
 // exp for fp32 in plain arithmetic so the compiler vectorizes it: Cody-Waite reduction
 // x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-6 polynomial (about 1 ulp), 2^n from the exponent
-// bits. GCC vectorizes the loops using it in the avx512f clones. Inputs here are logit - max <= 0; below -87 the result is the smallest normal, which no
-// sum of at least exp(0) = 1 notices.
+// bits. GCC vectorizes the loops using it in the avx512f clones. Inputs here are logit - max <= 0;
+// below -87 the result is the smallest normal, which no sum of at least exp(0) = 1 notices.
 WMK_INLINE float exp_acc(float x) {
   x = std::max(std::min(x, 88.0f), -87.0f);
   // round to nearest by adding and removing 1.5 * 2^23 (no floor call: that would stop vectorization)

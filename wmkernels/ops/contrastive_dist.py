@@ -94,7 +94,9 @@ class _RingContrastive(torch.autograd.Function):
             for d, (rows_z, labels) in enumerate(dirs):
                 cols = blocks[1] if d == 0 else blocks[0]
                 lab = _in_block(labels, src * rows, cols.shape[0])
-                loss, lse, mx, hit, *_ = mod.contrastive_forward(rows_z, cols, scale, lab, lab[:0], pw, sr, sr, normalize, False)
+                loss, lse, mx, hit, *_ = mod.contrastive_forward(
+                    rows_z, cols, scale, lab, lab[:0], pw, sr, sr, normalize, False
+                )
                 lin = lse - loss
                 if state[d] is None:
                     state[d] = [lse, lin, mx, hit, torch.full_like(lab, src)]
