@@ -281,6 +281,7 @@ def _dist_worker(rank, world, port, backend, out_path):
         m = model.module
         results.append({"loss": loss / world, "local_loss": res.loss.detach(), "acc": acc / world,
                         "grads": [p.grad.clone() for p in (m.proj.weight, m.proj.bias, m.log_scale)]})
+    del model, m  # release DDP's reducer before the process group goes away
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()
