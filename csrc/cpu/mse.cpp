@@ -11,59 +11,23 @@
 namespace wmkernels {
 namespace {
 
-constexpr int kLanes = 16;  // independent partial sums: vectorizable without reassociating
+template <typename x_t, typename y_t, typename acc_t>
+using RangeFn = double (*)(const StridedLayout&, int64_t, int64_t, const x_t*, const y_t*, const acc_t*, x_t*, y_t*,
+                           acc_t);
 
-// Operand order in the layout: x, y, w, gx, gy. W_STRIDE: 0 = one weight per run, 1 = dense
-// weight, -1 = any stride (with any strides elsewhere too).
-template <typename x_t, typename y_t, typename acc_t, bool HAS_W, bool SUM, bool GX, bool GY, int W_STRIDE>
-acc_t mse_run(const x_t* x, const y_t* y, const acc_t* w, x_t* gx, y_t* gy, const std::array<int64_t, kMaxOperands>& st,
-              int64_t n, acc_t scale) {
-  const bool dense = W_STRIDE >= 0;
-  const int64_t sx = dense ? 1 : st[0], sy = dense ? 1 : st[1], sw = W_STRIDE >= 0 ? W_STRIDE : st[2];
-  const int64_t sgx = dense ? 1 : st[3], sgy = dense ? 1 : st[4];
-  auto term = [&](int64_t i, acc_t& acc) {
-    const acc_t d = static_cast<acc_t>(x[i * sx]) - static_cast<acc_t>(y[i * sy]);
-    const acc_t wd = HAS_W ? w[i * sw] * d : d;
-    if constexpr (SUM) acc += wd * d;
-    if constexpr (GX) gx[i * sgx] = static_cast<x_t>(scale * wd);
-    if constexpr (GY) gy[i * sgy] = static_cast<y_t>(-scale * wd);
-  };
-  acc_t lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) term(i + j, lanes[j]);
-  }
-  for (; i < n; ++i) term(i, lanes[i % kLanes]);
-  acc_t s = 0;
-  for (int j = 0; j < kLanes; ++j) s += lanes[j];
-  return s;
-}
+// The inner loops are compiled twice, for AVX2+FMA and for the baseline, and chosen at run time:
+// a source build stays portable and still uses the wide vectors where the CPU has them.
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include "mse_kernel.inc"
+#pragma GCC pop_options
+}  // namespace avx2
+namespace baseline {
+#include "mse_kernel.inc"
+}  // namespace baseline
 
-template <typename x_t, typename y_t, typename acc_t, bool HAS_W, bool SUM, bool GX, bool GY>
-double mse_range(const StridedLayout& lay, int64_t begin, int64_t end, const x_t* x, const y_t* y,
-                 const acc_t* w, x_t* gx, y_t* gy, acc_t scale) {
-  double total = 0.0;
-  for_each_run(lay, begin, end, [&](const auto& off, const auto& st, int64_t n) {
-    const x_t* xp = x + off[0];
-    const y_t* yp = y + off[1];
-    const acc_t* wp = HAS_W ? w + off[2] : nullptr;
-    x_t* gxp = GX ? gx + off[3] : nullptr;
-    y_t* gyp = GY ? gy + off[4] : nullptr;
-    const bool dense = st[0] == 1 && st[1] == 1 && (!GX || st[3] == 1) && (!GY || st[4] == 1);
-    acc_t s;
-    if (dense && (!HAS_W || st[2] == 0)) {
-      s = mse_run<x_t, y_t, acc_t, HAS_W, SUM, GX, GY, 0>(xp, yp, wp, gxp, gyp, st, n, scale);
-    } else if (dense && st[2] == 1) {
-      s = mse_run<x_t, y_t, acc_t, HAS_W, SUM, GX, GY, 1>(xp, yp, wp, gxp, gyp, st, n, scale);
-    } else {
-      s = mse_run<x_t, y_t, acc_t, HAS_W, SUM, GX, GY, -1>(xp, yp, wp, gxp, gyp, st, n, scale);
-    }
-    total += static_cast<double>(s);
-  });
-  return total;
-}
-
-// mode: 0 sum, 1 sum + gx, 2 gx, 3 gy, 4 gx + gy.
+// mode: see range_for_mode.
 template <typename x_t, typename y_t, typename acc_t, bool HAS_W>
 double mse_launch(int mode, const StridedLayout& lay, const at::Tensor& x, const at::Tensor& y,
                   const at::Tensor& w, const at::Tensor& gx, const at::Tensor& gy, double scale) {
@@ -73,15 +37,10 @@ double mse_launch(int mode, const StridedLayout& lay, const at::Tensor& x, const
   x_t* gxp = gx.defined() ? gx.mutable_data_ptr<x_t>() : nullptr;
   y_t* gyp = gy.defined() ? gy.mutable_data_ptr<y_t>() : nullptr;
   const acc_t sc = static_cast<acc_t>(scale);
-  return chunked_sum(lay.numel, [&](int64_t b, int64_t e) {
-    switch (mode) {
-      case 0: return mse_range<x_t, y_t, acc_t, HAS_W, true, false, false>(lay, b, e, xp, yp, wp, gxp, gyp, sc);
-      case 1: return mse_range<x_t, y_t, acc_t, HAS_W, true, true, false>(lay, b, e, xp, yp, wp, gxp, gyp, sc);
-      case 2: return mse_range<x_t, y_t, acc_t, HAS_W, false, true, false>(lay, b, e, xp, yp, wp, gxp, gyp, sc);
-      case 3: return mse_range<x_t, y_t, acc_t, HAS_W, false, false, true>(lay, b, e, xp, yp, wp, gxp, gyp, sc);
-      default: return mse_range<x_t, y_t, acc_t, HAS_W, false, true, true>(lay, b, e, xp, yp, wp, gxp, gyp, sc);
-    }
-  });
+  static const bool wide = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const RangeFn<x_t, y_t, acc_t> fn = wide ? avx2::range_for_mode<x_t, y_t, acc_t, HAS_W>(mode)
+                                           : baseline::range_for_mode<x_t, y_t, acc_t, HAS_W>(mode);
+  return chunked_sum(lay.numel, [&](int64_t b, int64_t e) { return fn(lay, b, e, xp, yp, wp, gxp, gyp, sc); });
 }
 
 double mse_dispatch(int mode, const at::Tensor& x, const at::Tensor& y, const at::Tensor& w,
