@@ -13,27 +13,13 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common.cuh"
 #include "masked.h"
 
 namespace wmkernels {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
-template <> __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-
-template <typename acc_t, typename T> __device__ __forceinline__ acc_t to_acc(T v) {
-  return static_cast<acc_t>(to_f(v));
-}
-template <> __device__ __forceinline__ double to_acc<double, double>(double v) { return v; }
-
-template <typename T, typename acc_t> __device__ __forceinline__ T from_acc(acc_t v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc(float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc(double v) { return __double2bfloat16(v); }
-template <> __device__ __forceinline__ __half from_acc(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __half from_acc(double v) { return __double2half(v); }
 
 // Element offset of value q of token n of sample b; c receives the value's channel.
 __device__ __forceinline__ int64_t patch_offset(const VideoGeom& g, int64_t b, int64_t n, int64_t q, int64_t& c) {
@@ -200,16 +186,6 @@ __global__ void __launch_bounds__(kThreads) masked_scatter_kernel(const g_t* __r
     acc_t v = to_acc<acc_t>(grad[i]);
     if (std != nullptr) v /= std[c];
     atomicAdd(gv + off, v);
-  }
-}
-
-template <typename F>
-void dispatch_float(DType d, F&& f) {
-  switch (d) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kFloat64: f(double{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-    case DType::kFloat16: f(__half{}); break;
   }
 }
 

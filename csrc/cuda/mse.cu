@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common.cuh"
 #include "launch.h"
 
 namespace wmkernels {
@@ -14,21 +15,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kItems = 8;  // elements per thread per block-tile
 constexpr int64_t kMaxBlocks = 2048;
-
-template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
-template <> __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-
-template <typename acc_t, typename T> __device__ __forceinline__ acc_t load_acc(const T* p) {
-  return static_cast<acc_t>(to_f(*p));
-}
-template <> __device__ __forceinline__ double load_acc<double, double>(const double* p) { return *p; }
-
-template <typename T, typename acc_t> __device__ __forceinline__ T from_acc(acc_t v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc(float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc(double v) { return __double2bfloat16(v); }
-template <> __device__ __forceinline__ __half from_acc(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __half from_acc(double v) { return __double2half(v); }
 
 __device__ __forceinline__ int64_t offset(const Strided5& lay, int k, int64_t idx) {
   int64_t off = 0;
@@ -63,7 +49,7 @@ __global__ void __launch_bounds__(kThreads) mse_fwd_kernel(const x_t* __restrict
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += step) {
     const int64_t xo = lay.contiguous ? i : offset(lay, 0, i);
     const int64_t yo = lay.contiguous ? i : offset(lay, 1, i);
-    const acc_t d = load_acc<acc_t>(x + xo) - load_acc<acc_t>(y + yo);
+    const acc_t d = to_acc<acc_t>(x[xo]) - to_acc<acc_t>(y[yo]);
     const acc_t wd = HAS_W ? w[offset(lay, 2, i)] * d : d;
     s += wd * d;
   }
@@ -81,20 +67,10 @@ __global__ void __launch_bounds__(kThreads) mse_bwd_kernel(const x_t* __restrict
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += step) {
     const int64_t xo = lay.contiguous ? i : offset(lay, 0, i);
     const int64_t yo = lay.contiguous ? i : offset(lay, 1, i);
-    acc_t g = (load_acc<acc_t>(x + xo) - load_acc<acc_t>(y + yo)) * sc;
+    acc_t g = (to_acc<acc_t>(x[xo]) - to_acc<acc_t>(y[yo])) * sc;
     if (HAS_W) g *= w[offset(lay, 2, i)];
     if (gx != nullptr) gx[lay.contiguous ? i : offset(lay, 3, i)] = from_acc<x_t>(g);
     if (gy != nullptr) gy[lay.contiguous ? i : offset(lay, 4, i)] = from_acc<y_t>(-g);
-  }
-}
-
-template <typename F>
-void dispatch_dtype(DType d, F&& f) {
-  switch (d) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kFloat64: f(double{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-    case DType::kFloat16: f(__half{}); break;
   }
 }
 
@@ -109,9 +85,9 @@ int64_t mse_fwd_blocks(int64_t n) {
 void mse_fwd_cuda(DType xd, DType yd, const void* x, const void* y, const void* w, const Strided5& lay, int64_t n,
                   void* partial, int64_t blocks, cudaStream_t stream) {
   const bool wide = xd == DType::kFloat64 || yd == DType::kFloat64;
-  dispatch_dtype(xd, [&](auto xv) {
+  dispatch_float(xd, [&](auto xv) {
     using x_t = decltype(xv);
-    dispatch_dtype(yd, [&](auto yv) {
+    dispatch_float(yd, [&](auto yv) {
       using y_t = decltype(yv);
       auto run = [&](auto accv) {
         using acc_t = decltype(accv);
@@ -137,9 +113,9 @@ void mse_bwd_cuda(DType xd, DType yd, const void* x, const void* y, const void* 
   const int64_t per_block = static_cast<int64_t>(kThreads) * kItems;
   int64_t blocks = (n + per_block - 1) / per_block;
   if (blocks > 65535LL * 16) blocks = 65535LL * 16;
-  dispatch_dtype(xd, [&](auto xv) {
+  dispatch_float(xd, [&](auto xv) {
     using x_t = decltype(xv);
-    dispatch_dtype(yd, [&](auto yv) {
+    dispatch_float(yd, [&](auto yv) {
       using y_t = decltype(yv);
       auto run = [&](auto accv) {
         using acc_t = decltype(accv);
