@@ -18,6 +18,8 @@
 #include <cmath>
 #include <vector>
 
+#include "masked_common.h"
+
 namespace wmkernels {
 namespace {
 
@@ -33,27 +35,6 @@ struct Geom {
     return b * sb + t * pt * st + h * ph * sh + w * pw * sw;
   }
 };
-
-Geom make_geom(at::IntArrayRef shape, at::IntArrayRef strides, at::IntArrayRef tubelet, c10::string_view layout) {
-  const bool bcthw = layout == "BCTHW";
-  TORCH_CHECK(bcthw || layout == "BTCHW", "wmkernels: layout must be BCTHW or BTCHW");
-  const int cd = bcthw ? 1 : 2, td = bcthw ? 2 : 1;
-  Geom g;
-  g.B = shape[0];
-  g.C = shape[cd];
-  g.pt = tubelet[0];
-  g.ph = tubelet[1];
-  g.pw = tubelet[2];
-  g.gt = shape[td] / g.pt;
-  g.gh = shape[3] / g.ph;
-  g.gw = shape[4] / g.pw;
-  g.sb = strides[0];
-  g.sc = strides[cd];
-  g.st = strides[td];
-  g.sh = strides[3];
-  g.sw = strides[4];
-  return g;
-}
 
 template <typename acc_t>
 struct Stats {
@@ -145,7 +126,7 @@ at::ScalarType acc_of(at::ScalarType a, at::ScalarType b) {
 at::Tensor masked_gather_cpu(const at::Tensor& video, const at::Tensor& ids, at::IntArrayRef tubelet,
                              c10::string_view layout, const c10::optional<at::Tensor>& mean,
                              const c10::optional<at::Tensor>& std, at::ScalarType out_dtype) {
-  const Geom g = make_geom(video.sizes(), video.strides(), tubelet, layout);
+  const Geom g = make_geom<Geom>(video.sizes(), video.strides(), tubelet, layout);
   const at::Tensor idx = ids.contiguous();
   const int64_t B = g.B, K = idx.size(1), P = g.P();
   at::Tensor out = at::empty({B, K, P}, video.options().dtype(out_dtype));
@@ -184,7 +165,7 @@ at::Tensor scatter_to_video(const r_t* rows, int64_t R, at::IntArrayRef video_sh
                             at::ScalarType acc, const at::TensorOptions& opts, TokenFn token) {
   const bool direct = video_dtype == acc;
   at::Tensor out = at::zeros(video_shape, opts.dtype(acc));
-  const Geom g = make_geom(out.sizes(), out.strides(), tubelet, layout);
+  const Geom g = make_geom<Geom>(out.sizes(), out.strides(), tubelet, layout);
   AT_DISPATCH_FLOATING_TYPES(acc, "masked_scatter", [&] {
     const scalar_t* sp = std.has_value() ? std->const_data_ptr<scalar_t>() : nullptr;
     scatter_rows<r_t, scalar_t>(rows, R, g, sp, out.mutable_data_ptr<scalar_t>(), token);
@@ -341,7 +322,7 @@ struct LossCall {
 LossCall loss_call(const at::Tensor& video, const at::Tensor& index, at::IntArrayRef tubelet,
                    c10::string_view layout) {
   LossCall c;
-  c.g = make_geom(video.sizes(), video.strides(), tubelet, layout);
+  c.g = make_geom<Geom>(video.sizes(), video.strides(), tubelet, layout);
   c.index = index.contiguous();
   c.R = c.index.size(1);
   if (c.index.scalar_type() == at::kBool) {

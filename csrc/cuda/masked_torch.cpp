@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../cpu/masked_common.h"
 #include "masked.h"
 
 namespace wmkernels {
@@ -32,27 +33,6 @@ at::ScalarType acc_of(at::ScalarType a, at::ScalarType b) {
   return (a == at::kDouble || b == at::kDouble) ? at::kDouble : at::kFloat;
 }
 
-VideoGeom geom(at::IntArrayRef shape, at::IntArrayRef strides, at::IntArrayRef tubelet, c10::string_view layout) {
-  const bool bcthw = layout == "BCTHW";
-  TORCH_CHECK(bcthw || layout == "BTCHW", "wmkernels: layout must be BCTHW or BTCHW");
-  const int cd = bcthw ? 1 : 2, td = bcthw ? 2 : 1;
-  VideoGeom g{};
-  g.B = shape[0];
-  g.C = shape[cd];
-  g.pt = tubelet[0];
-  g.ph = tubelet[1];
-  g.pw = tubelet[2];
-  g.gt = shape[td] / g.pt;
-  g.gh = shape[3] / g.ph;
-  g.gw = shape[4] / g.pw;
-  g.sb = strides[0];
-  g.sc = strides[cd];
-  g.st = strides[td];
-  g.sh = strides[3];
-  g.sw = strides[4];
-  return g;
-}
-
 // mean and std as acc-dtype device vectors, both or neither (a missing one is the identity).
 std::pair<at::Tensor, at::Tensor> affine(const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& std,
                                          int64_t channels, at::ScalarType acc, const at::TensorOptions& opts) {
@@ -68,7 +48,7 @@ at::Tensor masked_gather_cuda_op(const at::Tensor& video, const at::Tensor& ids,
                                  c10::string_view layout, const c10::optional<at::Tensor>& mean,
                                  const c10::optional<at::Tensor>& std, at::ScalarType out_dtype) {
   const c10::cuda::CUDAGuard guard(video.device());
-  const VideoGeom g = geom(video.sizes(), video.strides(), tubelet, layout);
+  const VideoGeom g = make_geom<VideoGeom>(video.sizes(), video.strides(), tubelet, layout);
   const at::Tensor idx = ids.contiguous();
   const int64_t K = idx.size(1), P = g.pt * g.ph * g.pw * g.C;
   auto [m, s] = affine(mean, std, g.C, acc_of(out_dtype, video.scalar_type()), video.options());
@@ -88,7 +68,7 @@ at::Tensor masked_gather_bwd_cuda_op(const at::Tensor& grad_in, const at::Tensor
   const at::Tensor idx = ids.contiguous();
   const auto acc = acc_of(grad.scalar_type(), video_dtype_);
   at::Tensor gv = at::zeros(video_shape, grad.options().dtype(acc));
-  const VideoGeom g = geom(gv.sizes(), gv.strides(), tubelet, layout);
+  const VideoGeom g = make_geom<VideoGeom>(gv.sizes(), gv.strides(), tubelet, layout);
   auto [m, s] = affine(c10::nullopt, std, g.C, acc, grad.options());
   masked_scatter_cuda(float_dtype(grad.scalar_type()), acc == at::kDouble, grad.const_data_ptr(), g,
                       idx.const_data_ptr<int64_t>(), idx.size(1), ptr_or_null(s), gv.mutable_data_ptr(),
@@ -110,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows(const at::Tensor& grad_
   const at::Tensor idx = index.contiguous();
   const auto acc = acc_of(pred.scalar_type(), video.scalar_type());
   MaskedLossArgs a{};
-  a.geom = geom(video.sizes(), video.strides(), tubelet, layout);
+  a.geom = make_geom<VideoGeom>(video.sizes(), video.strides(), tubelet, layout);
   a.R = idx.size(1);
   const bool is_mask = idx.scalar_type() == at::kBool;
   a.ids = is_mask ? nullptr : idx.const_data_ptr<int64_t>();
@@ -127,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows(const at::Tensor& grad_
   at::Tensor row_loss = at::empty({a.geom.B * a.R}, pred.options().dtype(acc));
   at::Tensor gp = write_gp ? at::empty_like(pred) : at::empty({0}, pred.options());
   at::Tensor gv = write_gv ? at::zeros(video.sizes(), video.options().dtype(acc)) : at::empty({0}, video.options());
-  a.grad_geom = write_gv ? geom(gv.sizes(), gv.strides(), tubelet, layout) : a.geom;
+  a.grad_geom = write_gv ? make_geom<VideoGeom>(gv.sizes(), gv.strides(), tubelet, layout) : a.geom;
   a.row_loss = row_loss.mutable_data_ptr();
   a.gp = write_gp ? gp.mutable_data_ptr() : nullptr;
   a.gv = write_gv ? gv.mutable_data_ptr() : nullptr;
