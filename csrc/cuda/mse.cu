@@ -74,6 +74,17 @@ __global__ void __launch_bounds__(kThreads) mse_bwd_kernel(const x_t* __restrict
   }
 }
 
+// Calls f(x_t{}, y_t{}, acc_t{}) for the element types of xd and yd; acc_t is double when either is fp64.
+template <typename F>
+void dispatch_xy(DType xd, DType yd, F&& f) {
+  const bool wide = xd == DType::kFloat64 || yd == DType::kFloat64;
+  dispatch_float(xd, [&](auto xv) {
+    dispatch_float(yd, [&](auto yv) {
+      if (wide) f(xv, yv, double{}); else f(xv, yv, float{});
+    });
+  });
+}
+
 }  // namespace
 
 int64_t mse_fwd_blocks(int64_t n) {
@@ -84,55 +95,43 @@ int64_t mse_fwd_blocks(int64_t n) {
 
 void mse_fwd_cuda(DType xd, DType yd, const void* x, const void* y, const void* w, const Strided5& lay, int64_t n,
                   void* partial, int64_t blocks, cudaStream_t stream) {
-  const bool wide = xd == DType::kFloat64 || yd == DType::kFloat64;
-  dispatch_float(xd, [&](auto xv) {
+  dispatch_xy(xd, yd, [&](auto xv, auto yv, auto accv) {
     using x_t = decltype(xv);
-    dispatch_float(yd, [&](auto yv) {
-      using y_t = decltype(yv);
-      auto run = [&](auto accv) {
-        using acc_t = decltype(accv);
-        const auto* xp = static_cast<const x_t*>(x);
-        const auto* yp = static_cast<const y_t*>(y);
-        const auto* wp = static_cast<const acc_t*>(w);
-        auto* pp = static_cast<acc_t*>(partial);
-        if (w != nullptr) {
-          mse_fwd_kernel<x_t, y_t, acc_t, true><<<blocks, kThreads, 0, stream>>>(xp, yp, wp, lay, n, pp);
-        } else {
-          mse_fwd_kernel<x_t, y_t, acc_t, false><<<blocks, kThreads, 0, stream>>>(xp, yp, wp, lay, n, pp);
-        }
-      };
-      if (wide) run(double{}); else run(float{});
-    });
+    using y_t = decltype(yv);
+    using acc_t = decltype(accv);
+    const auto* xp = static_cast<const x_t*>(x);
+    const auto* yp = static_cast<const y_t*>(y);
+    const auto* wp = static_cast<const acc_t*>(w);
+    auto* pp = static_cast<acc_t*>(partial);
+    if (w != nullptr) {
+      mse_fwd_kernel<x_t, y_t, acc_t, true><<<blocks, kThreads, 0, stream>>>(xp, yp, wp, lay, n, pp);
+    } else {
+      mse_fwd_kernel<x_t, y_t, acc_t, false><<<blocks, kThreads, 0, stream>>>(xp, yp, wp, lay, n, pp);
+    }
   });
 }
 
 void mse_bwd_cuda(DType xd, DType yd, const void* x, const void* y, const void* w, const void* scale, void* gx,
                   void* gy, const Strided5& lay, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
-  const bool wide = xd == DType::kFloat64 || yd == DType::kFloat64;
   const int64_t per_block = static_cast<int64_t>(kThreads) * kItems;
   int64_t blocks = (n + per_block - 1) / per_block;
   if (blocks > 65535LL * 16) blocks = 65535LL * 16;
-  dispatch_float(xd, [&](auto xv) {
+  dispatch_xy(xd, yd, [&](auto xv, auto yv, auto accv) {
     using x_t = decltype(xv);
-    dispatch_float(yd, [&](auto yv) {
-      using y_t = decltype(yv);
-      auto run = [&](auto accv) {
-        using acc_t = decltype(accv);
-        const auto* xp = static_cast<const x_t*>(x);
-        const auto* yp = static_cast<const y_t*>(y);
-        const auto* wp = static_cast<const acc_t*>(w);
-        const auto* sp = static_cast<const acc_t*>(scale);
-        auto* gxp = static_cast<x_t*>(gx);
-        auto* gyp = static_cast<y_t*>(gy);
-        if (w != nullptr) {
-          mse_bwd_kernel<x_t, y_t, acc_t, true><<<blocks, kThreads, 0, stream>>>(xp, yp, wp, sp, gxp, gyp, lay, n);
-        } else {
-          mse_bwd_kernel<x_t, y_t, acc_t, false><<<blocks, kThreads, 0, stream>>>(xp, yp, wp, sp, gxp, gyp, lay, n);
-        }
-      };
-      if (wide) run(double{}); else run(float{});
-    });
+    using y_t = decltype(yv);
+    using acc_t = decltype(accv);
+    const auto* xp = static_cast<const x_t*>(x);
+    const auto* yp = static_cast<const y_t*>(y);
+    const auto* wp = static_cast<const acc_t*>(w);
+    const auto* sp = static_cast<const acc_t*>(scale);
+    auto* gxp = static_cast<x_t*>(gx);
+    auto* gyp = static_cast<y_t*>(gy);
+    if (w != nullptr) {
+      mse_bwd_kernel<x_t, y_t, acc_t, true><<<blocks, kThreads, 0, stream>>>(xp, yp, wp, sp, gxp, gyp, lay, n);
+    } else {
+      mse_bwd_kernel<x_t, y_t, acc_t, false><<<blocks, kThreads, 0, stream>>>(xp, yp, wp, sp, gxp, gyp, lay, n);
+    }
   });
 }
 
