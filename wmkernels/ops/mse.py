@@ -67,9 +67,9 @@ def _(grad_out, input, target, weight, reduction, backend, need_input, need_targ
 
 def _setup_context(ctx, inputs, output):
     input, target, weight, reduction, _, backend, fuse_grad = inputs
-    loss, grad = output
+    _, grad = output
     ctx.reduction, ctx.backend, ctx.fuse_grad = reduction, backend, fuse_grad
-    ctx.save_for_backward(input, target, weight, loss, grad if fuse_grad else None)
+    ctx.save_for_backward(input, target, weight, grad if fuse_grad else None)
     # the fused gradient is a by-product: no gradient flows into it, and none is zero-filled for it
     ctx.mark_non_differentiable(grad)
     ctx.set_materialize_grads(False)
@@ -81,7 +81,7 @@ def _is_one(t: torch.Tensor) -> bool:
 
 
 def _backward(ctx, grad_loss, _grad_fused):
-    input, target, weight, loss, fused = ctx.saved_tensors
+    input, target, weight, fused = ctx.saved_tensors
     need_input, need_target, need_weight = ctx.needs_input_grad[:3]
     gi = gt = gw = None
     if grad_loss is None:
@@ -96,7 +96,7 @@ def _backward(ctx, grad_loss, _grad_fused):
         )
         gi, gt = (gi if need_input else None), (gt if need_target else None)
     if need_weight:
-        gw = ref.mse_weight_backward(grad_loss, input, target, weight, loss, ctx.reduction)
+        gw = ref.mse_weight_backward(grad_loss, input, target, weight, ctx.reduction)
     return gi, gt, gw, None, None, None, None
 
 

@@ -45,16 +45,17 @@ def mse_backward(grad_out, input, target, weight, reduction: str, need_input: bo
     return gi, gt
 
 
-def mse_weight_backward(grad_out, input, target, weight, loss, reduction: str) -> torch.Tensor:
+def mse_weight_backward(grad_out, input, target, weight, reduction: str) -> torch.Tensor:
     """d loss / d weight, summed back to the weight's own shape.
 
-    sum: (x - y)^2.  mean: ((x - y)^2 - loss) / sum(w), since loss = sum(w sq) / sum(w).
+    sum: (x - y)^2.  mean: ((x - y)^2 - loss) / sum(w), since loss = sum(w sq) / sum(w), with the
+    loss recomputed in the accumulation dtype (the returned one may be rounded to bf16).
     none: grad_out * (x - y)^2.
     """
     acc = torch.float64 if torch.float64 in (input.dtype, target.dtype, weight.dtype) else torch.float32
-    diff = input.to(acc) - target.to(acc)
-    g = diff * diff
+    g = (input.to(acc) - target.to(acc)).square_()
     if reduction == "mean":
-        g = (g - loss.to(acc)) / mse_denominator(input, weight, acc)
+        denom = mse_denominator(input, weight, acc)
+        g = (g - (g * weight.to(acc)).sum() / denom) / denom
     g = g * grad_out.to(acc)
     return g.sum_to_size(weight.shape).to(weight.dtype)
