@@ -12,6 +12,7 @@ import torch
 
 from .. import _backends, _validation
 from .._registry import impl
+from ._grad import is_one_on_cpu
 from ..reference import masked as ref
 
 GATHER_SUPPORTED = ("triton", "cuda", "cpu", "torch")
@@ -250,11 +251,6 @@ def _loss_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _is_one(t: torch.Tensor) -> bool:
-    """Whether a CPU grad_output is exactly 1 (free to read on CPU; never asked while tracing)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling() and t.numel() == 1 and bool(t == 1)
-
-
 def _loss_backward(ctx, grad_loss, _grad_fused):
     pred, video, index, mean, std, fused = ctx.saved_tensors
     need_pred, need_video = ctx.needs_input_grad[:2]
@@ -262,7 +258,7 @@ def _loss_backward(ctx, grad_loss, _grad_fused):
     if grad_loss is None:
         return (None,) * 13
     if ctx.fuse_grad and need_pred:
-        gp = fused if _is_one(grad_loss) else fused * grad_loss.to(fused.dtype)
+        gp = fused if is_one_on_cpu(grad_loss) else fused * grad_loss.to(fused.dtype)
         need_pred = False
     if need_pred or need_video:
         tubelet, layout, norm_pix, norm_mode, eps = ctx.args

@@ -8,6 +8,7 @@ import torch
 
 from .. import _backends, _validation
 from .._registry import impl
+from ._grad import is_one_on_cpu
 from ..reference import mse as ref
 
 SUPPORTED = ("triton", "cuda", "cpu", "torch")
@@ -75,11 +76,6 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _is_one(t: torch.Tensor) -> bool:
-    """Whether a CPU grad_output is exactly 1 (free to read on CPU; never asked while tracing)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling() and t.numel() == 1 and bool(t == 1)
-
-
 def _backward(ctx, grad_loss, _grad_fused):
     input, target, weight, fused = ctx.saved_tensors
     need_input, need_target, need_weight = ctx.needs_input_grad[:3]
@@ -87,7 +83,7 @@ def _backward(ctx, grad_loss, _grad_fused):
     if grad_loss is None:
         return gi, gt, gw, None, None, None, None
     if ctx.fuse_grad and (need_input or need_target):
-        g = fused if _is_one(grad_loss) else fused * grad_loss
+        g = fused if is_one_on_cpu(grad_loss) else fused * grad_loss
         gi = g if need_input else None
         gt = (-g).to(target.dtype) if need_target else None
     elif need_input or need_target:
