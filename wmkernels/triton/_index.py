@@ -15,3 +15,13 @@ def strided_offset(idx, s1, s2, s3, s4, t0, t1, t2, t3, t4):
     i1 = r % s1
     i0 = r // s1
     return i0 * t0 + i1 * t1 + i2 * t2 + i3 * t3 + i4 * t4
+
+
+@triton.jit
+def offset(idx, CONTIG: tl.constexpr, s1, s2, s3, s4, t0, t1, t2, t3, t4):
+    """`idx` itself for a dense row-major operand (no index arithmetic), else `strided_offset`."""
+    if CONTIG:
+        off = idx
+    else:
+        off = strided_offset(idx, s1, s2, s3, s4, t0, t1, t2, t3, t4)
+    return off

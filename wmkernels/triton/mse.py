@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .._layout import padded_layout
 from ..reference.mse import mse_denominator
-from ._index import strided_offset
+from ._index import offset, strided_offset
 
 BLOCK = 1024
 ITERS = 8
@@ -34,12 +34,8 @@ def _mse_fwd_kernel(
     for it in range(ITERS):
         idx = (pid * ITERS + it) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = idx < n
-        if CONTIG:
-            xo = idx
-            yo = idx
-        else:
-            xo = strided_offset(idx, s1, s2, s3, s4, xs0, xs1, xs2, xs3, xs4)
-            yo = strided_offset(idx, s1, s2, s3, s4, ys0, ys1, ys2, ys3, ys4)
+        xo = offset(idx, CONTIG, s1, s2, s3, s4, xs0, xs1, xs2, xs3, xs4)
+        yo = offset(idx, CONTIG, s1, s2, s3, s4, ys0, ys1, ys2, ys3, ys4)
         x = tl.load(x_ptr + xo, mask=mask, other=0.0).to(ACC)
         y = tl.load(y_ptr + yo, mask=mask, other=0.0).to(ACC)
         d = x - y
@@ -66,12 +62,8 @@ def _mse_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     idx = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = idx < n
-    if CONTIG:
-        xo = idx
-        yo = idx
-    else:
-        xo = strided_offset(idx, s1, s2, s3, s4, xs0, xs1, xs2, xs3, xs4)
-        yo = strided_offset(idx, s1, s2, s3, s4, ys0, ys1, ys2, ys3, ys4)
+    xo = offset(idx, CONTIG, s1, s2, s3, s4, xs0, xs1, xs2, xs3, xs4)
+    yo = offset(idx, CONTIG, s1, s2, s3, s4, ys0, ys1, ys2, ys3, ys4)
     scale = tl.load(scale_ptr).to(ACC)
     x = tl.load(x_ptr + xo, mask=mask, other=0.0).to(ACC)
     y = tl.load(y_ptr + yo, mask=mask, other=0.0).to(ACC)
@@ -80,16 +72,10 @@ def _mse_bwd_kernel(
         wo = strided_offset(idx, s1, s2, s3, s4, ws0, ws1, ws2, ws3, ws4)
         g = g * tl.load(w_ptr + wo, mask=mask, other=0.0).to(ACC)
     if WRITE_GX:
-        if CONTIG:
-            gxo = idx
-        else:
-            gxo = strided_offset(idx, s1, s2, s3, s4, gxs0, gxs1, gxs2, gxs3, gxs4)
+        gxo = offset(idx, CONTIG, s1, s2, s3, s4, gxs0, gxs1, gxs2, gxs3, gxs4)
         tl.store(gx_ptr + gxo, g.to(gx_ptr.dtype.element_ty), mask=mask)
     if WRITE_GY:
-        if CONTIG:
-            gyo = idx
-        else:
-            gyo = strided_offset(idx, s1, s2, s3, s4, gys0, gys1, gys2, gys3, gys4)
+        gyo = offset(idx, CONTIG, s1, s2, s3, s4, gys0, gys1, gys2, gys3, gys4)
         tl.store(gy_ptr + gyo, (-g).to(gy_ptr.dtype.element_ty), mask=mask)
 
 
