@@ -9,7 +9,7 @@ from setuptools import setup
 
 CPU_FLAGS = ["-O3", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"] + [
-    f"-gencode=arch=compute_{a},code=sm_{a}" for a in ("80", "90")
+    f"-gencode=arch=compute_{a},code=sm_{a}" for a in os.environ.get("WMKERNELS_CUDA_ARCHS", "80,90").split(",")
 ]
 
 

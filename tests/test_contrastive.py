@@ -333,6 +333,9 @@ TRITON_CASES = [  # (B, D, dtype, symmetric, label_smoothing, custom labels, nor
     (33, 17, torch.float64, True, 0.1, False, True),
     (40, 24, torch.bfloat16, True, 0.0, False, True),
     (21, 9, torch.float16, False, 0.2, False, False),
+    (33, 300, torch.bfloat16, True, 0.0, False, True),  # wide D: features streamed in chunks, masked D
+    (20, 512, torch.float16, False, 0.1, True, True),  # wide D, even
+    (130, 128, torch.bfloat16, True, 0.1, True, True),  # two row blocks, a partial column tile
 ]
 
 

@@ -49,16 +49,20 @@ def main(modules: list[str]) -> int:
         return 2
     for name in modules:
         specs = importlib.import_module(name).aot_specs()
-        for fn, sig, cx in specs:
-            for arch in ARCHS:
+        for spec in specs:
+            fn, sig, cx = spec[:3]
+            options = spec[3] if len(spec) > 3 else {}  # num_warps / num_stages the host code launches with
+            checks = spec[4] if len(spec) > 4 else {}  # targets, tolerated spill bytes
+            archs = checks.get("archs", ARCHS)
+            for arch in archs:
                 compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx),
-                                          target=GPUTarget("cuda", arch, 32))
+                                          target=GPUTarget("cuda", arch, 32), options=options)
                 if "cubin" not in compiled.asm:
                     raise RuntimeError(f"{name}.{fn.__name__} {cx}: no cubin for sm_{arch}")
-            n = spills(compiled.asm["ptx"], ARCHS[-1])
-            if n:
-                raise RuntimeError(f"{name}.{fn.__name__} {cx}: {n} bytes of register spills on sm_{ARCHS[-1]}")
-        print(f"{name}: {len(specs)} kernel configs x {len(ARCHS)} archs compiled, no spills")
+            n = spills(compiled.asm["ptx"], archs[-1])
+            if n > checks.get("max_spill_bytes", 0):
+                raise RuntimeError(f"{name}.{fn.__name__} {cx} {options}: {n} bytes of register spills on sm_{ARCHS[-1]}")
+        print(f"{name}: {len(specs)} kernel configs compiled for sm_80 / sm_90, no spills beyond those allowed")
     return 0
 
 

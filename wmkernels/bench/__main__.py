@@ -244,6 +244,8 @@ def machine_info(device: str) -> dict:
 
 
 def _git_commit() -> str | None:
+    if os.environ.get("WMKERNELS_GIT_COMMIT"):  # a copy of the tree without .git (a GPU runner's)
+        return os.environ["WMKERNELS_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,

@@ -79,7 +79,9 @@ def cases(device: str, quick: bool) -> list[Case]:
             out.append(Case(
                 op="train", name=f"{objective}-{res}px-{frames}f-b8-{steps}steps-{precision}", size=steps,
                 setup=setup, contenders={"bare-loop": bare_loop, "wmkernels-train": driver}, reference="bare-loop",
-                rtol=1e-4, atol=1e-5, dtype={"fp32": "float32", "bf16": "bfloat16"}[precision],
+                # Bit for bit with one thread; with more, torch's CPU kernels may sum in another order
+                # from run to run, and 40 AdamW steps carry that to ~1e-5 in a few parameters.
+                rtol=1e-3, atol=1e-4, dtype={"fp32": "float32", "bf16": "bfloat16"}[precision],
                 params={"objective": objective, "resolution": res, "frames": frames, "batch_size": 8,
                         "steps": steps, "precision": precision},
             ))
