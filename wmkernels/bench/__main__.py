@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--op", default=",".join(OPS), help=f"comma-separated ops (default: {','.join(OPS)})")
     p.add_argument("--dtype", default=None, help="comma-separated dtypes to keep, e.g. float32,bfloat16 (default: all)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--only", default=None, metavar="REGEX",
+                   help="keep only the cases whose 'op/name' matches this regular expression")
     p.add_argument("--quick", action="store_true", help="small shapes, no torch.compile contenders (CI smoke run)")
     p.add_argument("--out", default=None, help="results folder (default: benchmarks/results/<device>-<date>[-quick]/)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds per case (default 15, quick 5)")
@@ -79,12 +81,13 @@ def _dtypes(args) -> set[str] | None:
     return {normalize_dtype(d.strip()) for d in args.dtype.split(",")} if args.dtype else None
 
 
-def load_cases(op: str, device: str, quick: bool, dtypes: set[str] | None) -> list:
+def load_cases(op: str, device: str, quick: bool, dtypes: set[str] | None, only: str | None = None) -> list:
     from .harness import case_dtype
 
     module = importlib.import_module(f"wmkernels.bench.{op}")
     cases = module.cases(device, quick)
-    return [c for c in cases if dtypes is None or case_dtype(c) is None or case_dtype(c) in dtypes]
+    return [c for c in cases if (dtypes is None or case_dtype(c) is None or case_dtype(c) in dtypes)
+            and (only is None or re.search(only, f"{op}/{c.name}"))]
 
 
 def _timing_settings(quick: bool, device: str) -> dict:
@@ -93,7 +96,8 @@ def _timing_settings(quick: bool, device: str) -> dict:
                 max_seconds=2.0 if quick else 30.0)
 
 
-def time_ops(ops: list[str], device: str, quick: bool, rounds: int, dtypes, label: str, progress=None) -> dict:
+def time_ops(ops: list[str], device: str, quick: bool, rounds: int, dtypes, label: str, progress=None,
+             only: str | None = None) -> dict:
     """Roofline + every case of `ops`, in this process. Returns {"roofline", "cases"}; calls
     `progress(roofline, results so far)` after each case when given."""
     import gc
@@ -107,7 +111,7 @@ def time_ops(ops: list[str], device: str, quick: bool, rounds: int, dtypes, labe
     results, skipped = [], {}
     for op in ops:
         try:
-            cases = load_cases(op, device, quick, dtypes)
+            cases = load_cases(op, device, quick, dtypes, only)
         except Exception as exc:  # a broken cases file must not cost the other ops their run
             skipped[op] = f"cases() failed: {type(exc).__name__}: {exc}"
             _say(f"[{label}] skipping {op}: {skipped[op]}")
@@ -324,7 +328,7 @@ def run(args) -> Path:
         for label, (plan_ops, env, drop, desc) in plan.items():
             argv = ["--worker", "time", "--device", device, "--op", ",".join(plan_ops),
                     "--rounds", str(args.rounds)] + (["--quick"] if args.quick else []) + _threads_argv(args) + \
-                   (["--dtype", args.dtype] if args.dtype else [])
+                   (["--dtype", args.dtype] if args.dtype else []) + (["--only", args.only] if args.only else [])
             worker_env = _worker_env(env, drop)
             got = _run_worker(argv + ["--allocator", "caching"], worker_env, timeout=3600)
             runs[label] = {"roofline": got["roofline"], "allocator_desc": desc,
@@ -348,7 +352,7 @@ def run(args) -> Path:
             _write(out_dir, args, ops, skipped, {label: {"roofline": roof, "allocator_desc": desc, "env": env}},
                    [dict(r) for r in results], label, memory_method, quiet=True)
 
-        got = time_ops(ops, device, args.quick, args.rounds, _dtypes(args), label, progress=partial)
+        got = time_ops(ops, device, args.quick, args.rounds, _dtypes(args), label, progress=partial, only=args.only)
         runs[label] = {"roofline": got["roofline"], "allocator_desc": desc, "env": env}
         cases = got["cases"]
         skipped.update(got["skipped"])
@@ -389,7 +393,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.worker == "time":
         got = time_ops([o for o in args.op.split(",") if o], args.device, args.quick, args.rounds, _dtypes(args),
-                       "worker")
+                       "worker", only=args.only)
         Path(args.worker_out).write_text(json.dumps(got, default=str))
         return 0
     if args.worker == "memory":

@@ -30,15 +30,6 @@ def contrastive_forward(z1, z2, scale, labels_row, labels_col, pos_weight, smoot
     return loss_r, lse_r, max_r, arg_r == labels_row, loss_c, lse_c, max_c, arg_c == labels_col
 
 
-def _normalize_backward_(dy: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """In place on dy: the gradient through y = z / max(||z||, eps) (see reference.normalize_backward)."""
-    n = torch.linalg.vector_norm(z, dim=1, dtype=dy.dtype)
-    inside = n > ref.EPS
-    coef = torch.where(inside, torch.bmm(y.unsqueeze(1), dy.unsqueeze(2)).view(-1), torch.zeros_like(n))
-    dy.addcmul_(y, coef.unsqueeze(1), value=-1.0)
-    return dy.div_(torch.where(inside, n, torch.full_like(n, ref.EPS)).unsqueeze(1))
-
-
 def contrastive_backward(
     g_row, g_col, z1, z2, scale, labels_row, labels_col, lse_row, lse_col, pos_weight, smooth_row, smooth_col,
     normalize, symmetric,
@@ -54,6 +45,6 @@ def contrastive_backward(
     ga.mul_(scale)
     gb.mul_(scale)
     if normalize:
-        _normalize_backward_(ga, z1, a)
-        _normalize_backward_(gb, z2, b)
+        ref.normalize_backward_(ga, z1, a)
+        ref.normalize_backward_(gb, z2, b)
     return ga.to(z1.dtype), gb.to(z2.dtype), dscale.to(scale.dtype)

@@ -20,12 +20,14 @@ def prepare(z: torch.Tensor, normalize: bool, acc: torch.dtype) -> torch.Tensor:
     return (F.normalize(z, dim=1, eps=EPS) if normalize else z).contiguous()
 
 
-def normalize_backward(dy: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """d/dz of y = z / max(||z||, EPS), given dy and y: (dy - y (y . dy)) / ||z||, or dy / EPS."""
-    n = torch.linalg.vector_norm(z.to(dy.dtype), dim=1, keepdim=True)
+def normalize_backward_(dy: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """In place on dy: d/dz of y = z / max(||z||, EPS) given dy and y, (dy - y (y . dy)) / ||z||, or
+    dy / EPS where ||z|| <= EPS. Temporaries are O(B): the row dot products go through bmm."""
+    n = torch.linalg.vector_norm(z, dim=1, dtype=dy.dtype)
     inside = n > EPS
-    proj = dy - y * (y * dy).sum(1, keepdim=True)
-    return torch.where(inside, proj / n.clamp_min(EPS), dy / EPS)
+    coef = torch.where(inside, torch.bmm(y.unsqueeze(1), dy.unsqueeze(2)).view(-1), torch.zeros_like(n))
+    dy.addcmul_(y, coef.unsqueeze(1), value=-1.0)
+    return dy.div_(torch.where(inside, n, torch.full_like(n, EPS)).unsqueeze(1))
 
 
 def linear_terms(a, b, scale, labels, pos_weight: float, smooth: float) -> torch.Tensor:
@@ -39,13 +41,17 @@ def linear_terms(a, b, scale, labels, pos_weight: float, smooth: float) -> torch
     return scale * (pos_weight * pos + smooth * (a @ b.sum(0)))
 
 
-def linear_backward(a, b, scale, labels, g, pos_weight: float, smooth: float):
-    """(d/da, d/db) of sum_i g_i * linear_terms_i / scale (the scale factor is applied by the caller)."""
+def sub_linear_backward_(ga, gb, a, b, labels, g, pos_weight: float, smooth: float) -> None:
+    """In place: ga -= d/da, gb -= d/db of sum_i g_i * linear_terms_i / scale (the scale factor is
+    applied by the caller). The smoothing parts are rank-one updates, so the only B x D temporaries
+    are the gathered positive rows."""
     w = g * (labels >= 0) * pos_weight
     idx = labels.clamp_min(0)
-    da = w[:, None] * b[idx] + (smooth * g)[:, None] * b.sum(0)
-    db = torch.zeros_like(b).index_add_(0, idx, w[:, None] * a) + smooth * (g @ a)[None, :]
-    return da, db
+    ga.addcmul_(b[idx], w[:, None], value=-1.0)
+    gb.index_add_(0, idx, a * w[:, None], alpha=-1.0)
+    if smooth:
+        ga.addr_(g, b.sum(0), alpha=-smooth)
+        gb.sub_((smooth * (g @ a))[None, :])
 
 
 def finish_forward(a, b, scale, labels_row, labels_col, pos_weight, smooth_row, smooth_col, symmetric, core):
@@ -63,21 +69,22 @@ def finish_backward(
     z1, z2, a, b, scale, labels_row, labels_col, g_row, g_col, pos_weight, smooth_row, smooth_col,
     normalize, symmetric, ga, gb,
 ):
-    """Gradients from the sweep's softmax parts ga = G_soft @ b, gb = G_soft.T @ a.
+    """Gradients from the sweep's softmax parts ga = G_soft @ b, gb = G_soft.T @ a (consumed: updated
+    in place, so the caller's buffers must be its own).
 
     Adds the linear (label, smoothing) parts, then scales, then goes back through normalization.
     d scale = sum_ij G_ij (a_i . b_j) = sum_i a_i . (G @ b)_i, so it costs O(B D).
     """
-    la, lb = linear_backward(a, b, scale, labels_row, g_row, pos_weight, smooth_row)
-    ga, gb = ga - la, gb - lb
+    sub_linear_backward_(ga, gb, a, b, labels_row, g_row, pos_weight, smooth_row)
     if symmetric:
-        lb2, la2 = linear_backward(b, a, scale, labels_col, g_col, pos_weight, smooth_col)
-        ga, gb = ga - la2, gb - lb2
-    dscale = (a * ga).sum()
-    da, db = ga * scale, gb * scale
+        sub_linear_backward_(gb, ga, b, a, labels_col, g_col, pos_weight, smooth_col)
+    dscale = torch.dot(a.reshape(-1), ga.reshape(-1))
+    ga.mul_(scale)
+    gb.mul_(scale)
     if normalize:
-        da, db = normalize_backward(da, z1, a), normalize_backward(db, z2, b)
-    return da.to(z1.dtype), db.to(z2.dtype), dscale.to(scale.dtype)
+        normalize_backward_(ga, z1, a)
+        normalize_backward_(gb, z2, b)
+    return ga.to(z1.dtype), gb.to(z2.dtype), dscale.to(scale.dtype)
 
 
 def contrastive_forward(z1, z2, scale, labels_row, labels_col, pos_weight, smooth_row, smooth_col, normalize, symmetric):

@@ -345,6 +345,7 @@ def contrastive_backward(
     g_c = g_col if symmetric else g_row
     ga = _grad(ka, kb, scale, lse_row, g_row, lse_c, g_c, True, symmetric, acc)
     gb = _grad(kb, ka, scale, lse_c, g_c, lse_row, g_row, symmetric, True, acc)
+    del ka, kb  # for half inputs a separate copy, no longer needed: the finishing terms read a, b
     return ref.finish_backward(
         z1, z2, a, b, scale, labels_row, labels_col, g_row, g_col, pos_weight, smooth_row, smooth_col,
         normalize, symmetric, ga, gb,
