@@ -158,7 +158,7 @@ def test_in_process_run_writes_partial_and_final_results(tmp_path, monkeypatch):
     writes = []
     real_write = cli._write
     monkeypatch.setattr(cli, "_write", lambda *a, **k: (writes.append(k.get("quiet", False)), real_write(*a, **k)))
-    monkeypatch.setattr(cli, "load_cases", lambda op, device, quick, dtypes: [_tiny_case(), _tiny_case(wrong=lambda d: -d["x"])])
+    monkeypatch.setattr(cli, "load_cases", lambda op, device, quick, dtypes, only=None: [_tiny_case(), _tiny_case(wrong=lambda d: -d["x"])])
     assert cli.main(["--op", "mse", "--device", "cpu", "--quick", "--in-process", "--out", str(tmp_path)]) == 1
     assert writes == [True, True, False]  # after each case (the GPU path), then the final write
     payload = json.loads((tmp_path / "results.json").read_text())
