@@ -36,6 +36,19 @@ TRITON_AVAILABLE = "triton" in runnable_backends("cuda" if torch.cuda.is_availab
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_for(backend: str) -> str:
+    """The device a test's inputs for `backend` go to: "cuda" for the GPU backends ("triton",
+    "cuda") on a machine with a GPU, else "cpu" (the reference and C++ backends, and Triton under
+    the interpreter, which runs on CPU tensors). Tests build inputs on CPU from seeded generators
+    and move the base tensors here before taking layout views, so the values are the same on every
+    machine and strided layouts stay strided on the GPU."""
+    if backend not in ("triton", "cuda") or not torch.cuda.is_available():
+        return "cpu"
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "cpu"  # interpreted Triton (set by hand on a GPU machine) runs on CPU tensors
+    return "cuda"
+
+
 @pytest.fixture(params=FULL_BACKENDS)
 def backend(request):
     return request.param

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import wmkernels
-from conftest import DTYPES, FULL_BACKENDS, TRITON_AVAILABLE, assert_close, make_layout
+from conftest import DTYPES, TRITON_AVAILABLE, assert_close, device_for, make_layout, runnable_backends
 from wmkernels.cpp import contrastive as cpp_contrastive
 
 
@@ -25,23 +25,28 @@ def reference(z1, z2, scale, labels=None, eps=0.0, normalize=True, symmetric=Tru
 
 
 def run_both(z1, z2, scale_value, backend, dtype, **kw):
-    """(ours, reference) as (loss, dz1, dz2, dscale), with a random upstream gradient."""
+    """(ours, reference) as (loss, dz1, dz2, dscale), with a random upstream gradient. Ours runs on
+    the device of z1, z2 (and labels); the float64 reference on CPU."""
     x1 = z1.detach().to(dtype).requires_grad_()
     x2 = z2.detach().to(dtype).requires_grad_()
-    s = torch.tensor(scale_value, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True)
+    s = torch.tensor(scale_value, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=z1.device,
+                     requires_grad=True)
     loss = wmkernels.contrastive_loss(x1, x2, logit_scale=s, backend=backend, **kw)
-    up = torch.rand_like(loss, dtype=torch.float64)
-    (loss * up.to(loss.dtype)).sum().backward()
-    r1 = x1.detach().double().requires_grad_()
-    r2 = x2.detach().double().requires_grad_()
+    up = torch.rand_like(loss, dtype=torch.float64, device="cpu")
+    (loss * up.to(loss.device, loss.dtype)).sum().backward()
+    r1 = x1.detach().cpu().double().requires_grad_()
+    r2 = x2.detach().cpu().double().requires_grad_()
     rs = torch.tensor(scale_value, dtype=torch.float64, requires_grad=True)
-    ref = reference(r1, r2, rs, **{k: v for k, v in kw.items() if k != "label_smoothing"}, eps=kw.get("label_smoothing", 0.0))
+    ref_kw = {k: v for k, v in kw.items() if k != "label_smoothing"}
+    if ref_kw.get("labels") is not None:
+        ref_kw["labels"] = ref_kw["labels"].cpu()
+    ref = reference(r1, r2, rs, **ref_kw, eps=kw.get("label_smoothing", 0.0))
     (ref * up).sum().backward()
     return (loss, x1.grad, x2.grad, s.grad), (ref, r1.grad, r2.grad, rs.grad)
 
 
 def check(ours, ref, dtype, grad_scale=1.0):
-    loss, g1, g2, gs = ours
+    loss, g1, g2, gs = (t.cpu() for t in ours)  # the reference is on CPU
     rl, r1, r2, rs = ref
     assert loss.dtype == dtype
     assert_close(loss, rl, dtype, scale=4)
@@ -74,6 +79,8 @@ def test_matches_reference(backend, dtype, case, monkeypatch):
     labels = torch.randperm(B, generator=g) if custom else None
     if labels is not None:
         z2 = z2[torch.argsort(labels)]  # keep positives similar so the loss is not trivial
+    dev = device_for(backend)  # generated on CPU, run on the backend's device
+    z1, z2, labels = z1.to(dev), z2.to(dev), (labels.to(dev) if labels is not None else None)
     scale = 14.0 if normalize else 0.3
     ours, ref = run_both(z1, z2, scale, backend, dtype, labels=labels, label_smoothing=eps,
                          normalize=normalize, symmetric=symmetric)
@@ -85,6 +92,8 @@ def test_matches_reference(backend, dtype, case, monkeypatch):
 def test_reductions(backend, reduction, symmetric):
     g = torch.Generator().manual_seed(1)
     z1, z2 = torch.randn(37, 20, generator=g), torch.randn(37, 20, generator=g)
+    dev = device_for(backend)
+    z1, z2 = z1.to(dev), z2.to(dev)
     ours, ref = run_both(z1, z2, 5.0, backend, torch.float64, reduction=reduction, symmetric=symmetric)
     check(ours, ref, torch.float64)
 
@@ -93,6 +102,8 @@ def test_reductions(backend, reduction, symmetric):
 def test_non_contiguous_inputs(backend, layout):
     g = torch.Generator().manual_seed(2)
     base1, base2 = torch.randn(40, 24, generator=g), torch.randn(40, 24, generator=g)
+    dev = device_for(backend)
+    base1, base2 = base1.to(dev), base2.to(dev)  # before the layout views: they stay strided there
     z1, z2 = make_layout(base1, layout), make_layout(base2, "strided")
     assert not z1.is_contiguous() or layout == "expanded"
     before = z1.clone()
@@ -104,20 +115,22 @@ def test_non_contiguous_inputs(backend, layout):
 def test_temperature_tensor_gets_gradient(backend):
     g = torch.Generator().manual_seed(3)
     z1, z2 = torch.randn(16, 8, generator=g, dtype=torch.float64), torch.randn(16, 8, generator=g, dtype=torch.float64)
-    t = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-    loss = wmkernels.contrastive_loss(z1, z2, temperature=t, backend=backend)
+    dev = device_for(backend)  # the reference runs on CPU
+    t = torch.tensor(0.1, dtype=torch.float64, device=dev, requires_grad=True)
+    loss = wmkernels.contrastive_loss(z1.to(dev), z2.to(dev), temperature=t, backend=backend)
     (gt,) = torch.autograd.grad(loss, t)
-    t_ref = t.detach().clone().requires_grad_()
+    t_ref = t.detach().cpu().clone().requires_grad_()
     (rt,) = torch.autograd.grad(reference(z1, z2, 1.0 / t_ref), t_ref)
-    assert_close(gt, rt, torch.float64)
-    plain = wmkernels.contrastive_loss(z1, z2, temperature=0.1, backend=backend)
-    assert_close(plain, reference(z1, z2, 10.0), torch.float64)
+    assert_close(gt.cpu(), rt, torch.float64)
+    plain = wmkernels.contrastive_loss(z1.to(dev), z2.to(dev), temperature=0.1, backend=backend)
+    assert_close(plain.cpu(), reference(z1, z2, 10.0), torch.float64)
 
 
 def test_logit_scale_wins_over_temperature(backend):
     z1, z2 = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
-    loss = wmkernels.contrastive_loss(z1, z2, temperature=0.5, logit_scale=20.0, backend=backend)
-    assert_close(loss, reference(z1, z2, 20.0), torch.float64)
+    dev = device_for(backend)  # the reference runs on CPU
+    loss = wmkernels.contrastive_loss(z1.to(dev), z2.to(dev), temperature=0.5, logit_scale=20.0, backend=backend)
+    assert_close(loss.cpu(), reference(z1, z2, 20.0), torch.float64)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -127,7 +140,9 @@ def test_accuracy(backend, symmetric, monkeypatch):
     z1 = torch.randn(70, 12, generator=g, dtype=torch.float64)
     labels = torch.randperm(70, generator=g)
     z2 = (z1 + 1.2 * torch.randn(70, 12, generator=g, dtype=torch.float64))[torch.argsort(labels)]
-    res = wmkernels.contrastive_loss(z1, z2, labels=labels, symmetric=symmetric, return_accuracy=True, backend=backend)
+    dev = device_for(backend)  # the reference runs on CPU
+    res = wmkernels.contrastive_loss(z1.to(dev), z2.to(dev), labels=labels.to(dev), symmetric=symmetric,
+                                     return_accuracy=True, backend=backend)
     assert isinstance(res, wmkernels.ContrastiveResult)
     logits = F.normalize(z1) @ F.normalize(z2).T
     acc12 = (logits.argmax(1) == labels).double().mean()
@@ -139,45 +154,48 @@ def test_accuracy(backend, symmetric, monkeypatch):
         assert res.accuracy.item() == pytest.approx(0.5 * (acc12 + acc21).item())
     else:
         assert math.isnan(res.accuracy_21.item()) and res.accuracy.item() == pytest.approx(acc12.item())
-    assert_close(res.loss, reference(z1, z2, 1 / 0.07, labels=labels, symmetric=symmetric), torch.float64)
+    assert_close(res.loss.cpu(), reference(z1, z2, 1 / 0.07, labels=labels, symmetric=symmetric), torch.float64)
 
 
 def test_module_learnable_scale(backend):
     torch.manual_seed(5)
-    mod = wmkernels.nn.ContrastiveLoss(learnable_scale=True, backend=backend).double()
+    dev = device_for(backend)  # the reference runs on CPU
+    mod = wmkernels.nn.ContrastiveLoss(learnable_scale=True, backend=backend).double().to(dev)
     assert mod.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     z1, z2 = torch.randn(12, 6, dtype=torch.float64), torch.randn(12, 6, dtype=torch.float64)
-    mod(z1, z2).backward()
-    s = mod.logit_scale.detach().clone().requires_grad_()
+    mod(z1.to(dev), z2.to(dev)).backward()
+    s = mod.logit_scale.detach().cpu().clone().requires_grad_()
     reference(z1, z2, s.exp()).backward()
-    assert_close(mod.logit_scale.grad, s.grad, torch.float64)
+    assert_close(mod.logit_scale.grad.cpu(), s.grad, torch.float64)
     with torch.no_grad():
         mod.logit_scale.fill_(math.log(1000.0))  # clamped at 100: no gradient
     mod.logit_scale.grad = None
-    loss = mod(z1, z2)
+    loss = mod(z1.to(dev), z2.to(dev))
     loss.backward()
-    assert_close(loss, reference(z1, z2, 100.0), torch.float64)
+    assert_close(loss.cpu(), reference(z1, z2, 100.0), torch.float64)
     assert mod.logit_scale.grad.item() == 0.0
     fixed = wmkernels.nn.ContrastiveLoss(temperature=0.2, backend=backend)
     assert fixed.logit_scale is None
-    assert_close(fixed(z1, z2), reference(z1, z2, 5.0), torch.float64)
+    assert_close(fixed(z1.to(dev), z2.to(dev)).cpu(), reference(z1, z2, 5.0), torch.float64)
 
 
 def test_opcheck(backend):
-    z1, z2 = torch.randn(9, 5, requires_grad=True), torch.randn(9, 5, requires_grad=True)
-    scale = torch.tensor(3.0, requires_grad=True)
-    lab = torch.arange(9)
+    dev = device_for(backend)
+    z1, z2 = torch.randn(9, 5).to(dev).requires_grad_(), torch.randn(9, 5).to(dev).requires_grad_()
+    scale = torch.tensor(3.0, device=dev, requires_grad=True)
+    lab = torch.arange(9, device=dev)
     for symmetric in (True, False):
         args = (z1, z2, scale, lab, lab if symmetric else lab[:0], 0.9, 0.01, 0.01, True, symmetric, backend)
         torch.library.opcheck(torch.ops.wmkernels.contrastive_loss.default, args)
 
 
 def test_compile_fullgraph(backend):
-    z1, z2 = torch.randn(10, 6, requires_grad=True), torch.randn(10, 6, requires_grad=True)
+    dev = device_for(backend)  # the reference runs on CPU
+    z1, z2 = torch.randn(10, 6).to(dev).requires_grad_(), torch.randn(10, 6).to(dev).requires_grad_()
     fn = torch.compile(lambda a, b: wmkernels.contrastive_loss(a, b, backend=backend), fullgraph=True, backend="aot_eager")
     loss = fn(z1, z2)
     loss.backward()
-    assert_close(loss, reference(z1, z2, 1 / 0.07), torch.float32)
+    assert_close(loss.cpu(), reference(z1.cpu(), z2.cpu(), 1 / 0.07), torch.float32)
 
 
 @pytest.mark.parametrize(
@@ -214,8 +232,9 @@ def test_bad_inputs(kwargs, exc, match):
 def test_repeated_labels_allowed_one_direction(backend):
     z1, z2 = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
     labels = torch.tensor([0, 0, 1, 1, 5, 5])
-    loss = wmkernels.contrastive_loss(z1, z2, labels=labels, symmetric=False, backend=backend)
-    assert_close(loss, reference(z1, z2, 1 / 0.07, labels=labels, symmetric=False), torch.float64)
+    dev = device_for(backend)  # the reference runs on CPU
+    loss = wmkernels.contrastive_loss(z1.to(dev), z2.to(dev), labels=labels.to(dev), symmetric=False, backend=backend)
+    assert_close(loss.cpu(), reference(z1, z2, 1 / 0.07, labels=labels, symmetric=False), torch.float64)
 
 
 # --- distributed: gloo on CPU, 2 and 3 processes --------------------------------------------------
@@ -301,7 +320,8 @@ def _free_port():
 def test_distributed_ddp_step_equals_single_process(world, tmp_path):
     import torch.multiprocessing as mp
 
-    backend = FULL_BACKENDS[-1]  # the compiled backend when it is built
+    # the compiled CPU backend when it is built (gloo on CPU tensors: on a GPU machine too)
+    backend = "cpu" if "cpu" in runnable_backends("cpu") else "torch"
     out = tmp_path / "results.pt"
     mp.spawn(_dist_worker, args=(world, _free_port(), backend, str(out)), nprocs=world, join=True)
     results = torch.load(out)
@@ -350,6 +370,8 @@ def test_triton_matches_reference(case):
     z2 = z1 + 0.5 * torch.randn(B, D, generator=g)
     if labels is not None:
         z2 = z2[torch.argsort(labels)]
+    dev = device_for("triton")  # generated on CPU, run on the backend's device
+    z1, z2, labels = z1.to(dev), z2.to(dev), (labels.to(dev) if labels is not None else None)
     ours, ref = run_both(z1, z2, 14.0 if normalize else 0.3, "triton", dtype, labels=labels, label_smoothing=eps,
                          normalize=normalize, symmetric=symmetric)
     check(ours, ref, dtype)
@@ -360,6 +382,8 @@ def test_triton_accuracy_matches_cpu():
     g = torch.Generator().manual_seed(9)
     z1 = torch.randn(50, 20, generator=g, dtype=torch.float64)
     z2 = z1 + torch.randn(50, 20, generator=g, dtype=torch.float64)
+    dev = device_for("triton")  # the torch backend runs on the same device: bit-equal accuracies
+    z1, z2 = z1.to(dev), z2.to(dev)
     a = wmkernels.contrastive_loss(z1, z2, return_accuracy=True, backend="triton")
     b = wmkernels.contrastive_loss(z1, z2, return_accuracy=True, backend="torch")
     assert 0.2 < b.accuracy_12 < 0.99

@@ -12,7 +12,7 @@ from einops import rearrange
 
 import wmkernels
 from wmkernels import masking
-from conftest import FULL_BACKENDS, TOL, TRITON_AVAILABLE, make_layout
+from conftest import FULL_BACKENDS, TOL, TRITON_AVAILABLE, device_for, make_layout
 
 VIDEO = {"BCTHW": "b c (t pt) (h ph) (w pw)", "BTCHW": "b (t pt) c (h ph) (w pw)"}
 # (tubelet, (T, H, W)): small videos; 4x4x4 with an odd 3x5x7 grid.
@@ -21,7 +21,8 @@ VIDEO_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, tor
 BACKENDS = FULL_BACKENDS + (["triton"] if TRITON_AVAILABLE else [])
 
 
-def make_video(b, c, thw, layout, dtype, seed=0, view="contiguous"):
+def make_video(b, c, thw, layout, dtype, seed=0, view="contiguous", device="cpu"):
+    """Generated on CPU (the same values on every machine), moved to `device`, then laid out."""
     g = torch.Generator().manual_seed(seed)
     t, h, w = thw
     shape = (b, c, t, h, w) if layout == "BCTHW" else (b, t, c, h, w)
@@ -29,6 +30,7 @@ def make_video(b, c, thw, layout, dtype, seed=0, view="contiguous"):
         v = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
     else:
         v = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
+    v = v.to(device)
     return make_layout(v, view) if view != "contiguous" else v
 
 
@@ -60,11 +62,12 @@ def ref_loss(pred64, video64, index, tubelet, layout, norm_pix, norm_mode, eps, 
 
 
 def close(actual, expected, dtype):
-    """assert_close at the tolerance of `dtype`, relative to the largest expected magnitude."""
+    """assert_close at the tolerance of `dtype`, relative to the largest expected magnitude (compared
+    on the expected's device: the float64 references run on CPU)."""
     tol = TOL[torch.float32 if dtype == torch.uint8 else dtype]
     scale = expected.abs().max().clamp_min(1e-30)
-    torch.testing.assert_close(actual.double() / scale, expected.double() / scale, rtol=tol["rtol"],
-                               atol=tol["atol"] * 4)
+    actual = actual.double().to(expected.device)
+    torch.testing.assert_close(actual / scale, expected.double() / scale, rtol=tol["rtol"], atol=tol["atol"] * 4)
 
 
 # ------------------------------------------------------------------------------------------------ masks
@@ -144,23 +147,25 @@ def test_gather_patches(backend, tubelet, thw, layout, vdtype):
         pytest.skip("Triton: covering subset on small shapes")
     if backend == "triton":
         thw = TRITON_THW.get(tubelet, thw)
-    video = make_video(2, 3, thw, layout, vdtype, view="strided" if vdtype == torch.float32 else "contiguous")
+    dev = device_for(backend)
+    video = make_video(2, 3, thw, layout, vdtype, view="strided" if vdtype == torch.float32 else "contiguous",
+                       device=dev)
     grid = masking.grid_size(video.shape, tubelet, layout)
-    m = masking.random(2, grid, 0.6, generator=torch.Generator().manual_seed(0))
+    m = masking.random(2, grid, 0.6, generator=torch.Generator().manual_seed(0))  # on CPU, for the reference
     norm = vdtype == torch.uint8 or vdtype == torch.bfloat16
     mean, std = ((120.0, 110.0, 100.0), (60.0, 58.0, 57.0)) if norm else (None, None)
     vid = video.detach().requires_grad_(video.is_floating_point())
-    out = wmkernels.gather_patches(vid, m.ids_keep, tubelet, layout, mean=mean, std=std, backend=backend)
-    want = ref_patches(video.double(), tubelet, layout, mean, std).flatten(-2)
+    out = wmkernels.gather_patches(vid, m.ids_keep.to(dev), tubelet, layout, mean=mean, std=std, backend=backend)
+    want = ref_patches(video.cpu().double(), tubelet, layout, mean, std).flatten(-2)
     want = torch.gather(want, 1, m.ids_keep[..., None].expand(-1, -1, want.shape[-1]))
     assert out.dtype == (torch.float32 if vdtype == torch.uint8 else vdtype)
     if not norm:
-        assert torch.equal(out.double(), want)  # a pure gather is exact
+        assert torch.equal(out.double().cpu(), want)  # a pure gather is exact
     close(out, want, vdtype)
     if vid.requires_grad:
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        (out * g.to(out.dtype)).sum().backward()
-        v64 = video.double().requires_grad_()
+        (out * g.to(out.dtype).to(dev)).sum().backward()
+        v64 = video.cpu().double().requires_grad_()
         w = ref_patches(v64, tubelet, layout, mean, std).flatten(-2)
         (torch.gather(w, 1, m.ids_keep[..., None].expand(-1, -1, w.shape[-1])) * g.to(out.dtype).double()).sum().backward()
         close(vid.grad, v64.grad, vdtype)
@@ -168,14 +173,15 @@ def test_gather_patches(backend, tubelet, thw, layout, vdtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gather_repeated_ids_accumulate(backend):
-    video = make_video(1, 2, (2, 8, 8), "BCTHW", torch.float32).requires_grad_()
+    dev = device_for(backend)
+    video = make_video(1, 2, (2, 8, 8), "BCTHW", torch.float32, device=dev).requires_grad_()
     ids = torch.tensor([[1, 1, 3, 1]])
-    out = wmkernels.gather_patches(video, ids, (1, 4, 4), backend=backend)
+    out = wmkernels.gather_patches(video, ids.to(dev), (1, 4, 4), backend=backend)
     out.sum().backward()
-    v64 = video.detach().double().requires_grad_()
+    v64 = video.detach().cpu().double().requires_grad_()
     p = rearrange(v64, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=1, ph=4, pw=4)
     p[:, ids[0]].sum().backward()
-    assert torch.equal(video.grad.double(), v64.grad)
+    assert torch.equal(video.grad.double().cpu(), v64.grad)
 
 
 @pytest.mark.parametrize("layout", ["BCTHW", "BTCHW"])
@@ -203,19 +209,21 @@ def mae_unshuffle(visible, mask_token, ids_restore, pos_embed):
 @pytest.mark.parametrize("pos", ["none", "shared", "per_sample"])
 def test_unshuffle_bit_exact(backend, dtype, pos):
     g = torch.Generator().manual_seed(0)
-    m = masking.tube(2, (2, 3, 5), 0.75, generator=g)
+    dev = device_for(backend)
+    m = masking.tube(2, (2, 3, 5), 0.75, generator=g)  # on CPU, for the reference
     d = 24
-    visible = torch.randn(2, m.num_keep, d, generator=g).to(dtype).requires_grad_()
-    token = torch.randn(1, 1, d, generator=g).to(dtype).requires_grad_()
+    visible = torch.randn(2, m.num_keep, d, generator=g).to(dtype).to(dev).requires_grad_()
+    token = torch.randn(1, 1, d, generator=g).to(dtype).to(dev).requires_grad_()
     pshape = {"none": None, "shared": (1, 30, d), "per_sample": (2, 30, d)}[pos]
-    pe = torch.randn(pshape, generator=g).to(dtype).requires_grad_() if pshape else None
-    out = wmkernels.unshuffle_with_mask_tokens(visible, token, m.ids_restore, pe, backend=backend)
-    want = mae_unshuffle(visible.detach(), token.detach(), m.ids_restore, pe.detach() if pe is not None else None)
-    assert out.dtype == dtype and torch.equal(out, want)
+    pe = torch.randn(pshape, generator=g).to(dtype).to(dev).requires_grad_() if pshape else None
+    out = wmkernels.unshuffle_with_mask_tokens(visible, token, m.ids_restore.to(dev), pe, backend=backend)
+    want = mae_unshuffle(visible.detach().cpu(), token.detach().cpu(), m.ids_restore,
+                         pe.detach().cpu() if pe is not None else None)
+    assert out.dtype == dtype and torch.equal(out.cpu(), want)
     go = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    (out * go.to(dtype)).sum().backward()
+    (out * go.to(dtype).to(dev)).sum().backward()
     leaves = [t for t in (visible, token, pe) if t is not None]
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
     (mae_unshuffle(*ref_leaves[:2], m.ids_restore, ref_leaves[2] if pe is not None else None)
      * go.to(dtype).double()).sum().backward()
     for a, b in zip(leaves, ref_leaves):
@@ -240,17 +248,19 @@ TRITON_THW = {(4, 4, 4): (8, 12, 20)}
 
 
 def _loss_inputs(case, pdtype, vdtype, view, backend="torch"):
+    """(video, index, pred) on `device_for(backend)`, generated on CPU."""
     tubelet, thw, layout, norm_pix, norm_mode, kind, ratio = case
     if backend == "triton":
         thw = TRITON_THW.get(tubelet, thw)
-    video = make_video(2, 3, thw, layout, vdtype, seed=2, view=view)
+    dev = device_for(backend)
+    video = make_video(2, 3, thw, layout, vdtype, seed=2, view=view, device=dev)
     grid = masking.grid_size(video.shape, tubelet, layout)
     m = masking.tube(2, grid, ratio, generator=torch.Generator().manual_seed(5))
     index = m.ids_masked if kind == "ids" else m.mask
     p = math.prod(tubelet) * 3
     rows = index.shape[1]
-    pred = torch.randn(2, rows, p, generator=torch.Generator().manual_seed(6)).to(pdtype)
-    return video, index, pred
+    pred = torch.randn(2, rows, p, generator=torch.Generator().manual_seed(6)).to(pdtype).to(dev)
+    return video, index.to(dev), pred
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -269,9 +279,10 @@ def test_masked_mse_loss(backend, case, dtype):
     vid = video.detach().requires_grad_(video.is_floating_point())
     loss = wmkernels.masked_mse_loss(pred, vid, index, tubelet, layout, norm_pix=norm_pix, norm_mode=norm_mode,
                                      mean=mean, std=std, backend=backend)
-    p64 = pred.detach().double().requires_grad_()
-    v64 = video.double().requires_grad_()
-    want = ref_loss(p64, v64, index, tubelet, layout, norm_pix, norm_mode, 1e-6, mean, std)
+    # the float64 reference runs on CPU
+    p64 = pred.detach().cpu().double().requires_grad_()
+    v64 = video.cpu().double().requires_grad_()
+    want = ref_loss(p64, v64, index.cpu(), tubelet, layout, norm_pix, norm_mode, 1e-6, mean, std)
     assert loss.dtype == pdtype and loss.shape == ()
     close(loss, want, pdtype)
     grads = torch.autograd.grad(loss * 3.0, [t for t in (pred, vid) if t.requires_grad])
@@ -296,7 +307,7 @@ def test_masked_mse_loss_grad_out_one_and_deterministic(backend):
 
 @pytest.mark.parametrize("backend", FULL_BACKENDS)
 def test_masked_mse_loss_compiles(backend):
-    video, index, pred = _loss_inputs(LOSS_CASES[2], torch.float32, torch.float32, "contiguous")
+    video, index, pred = _loss_inputs(LOSS_CASES[2], torch.float32, torch.float32, "contiguous", backend)
     pred.requires_grad_()
 
     def f(pred, video, index):
@@ -372,16 +383,22 @@ def test_module_wrapper():
 
 @pytest.mark.parametrize("backend", FULL_BACKENDS)
 def test_gather_and_unshuffle_compile(backend):
+    from wmkernels.ops.masked import UNSHUFFLE_SUPPORTED
+
     g = torch.Generator().manual_seed(0)
-    video = make_video(2, 3, (4, 16, 16), "BTCHW", torch.float32).requires_grad_()
+    dev = device_for(backend)
+    video = make_video(2, 3, (4, 16, 16), "BTCHW", torch.float32, device=dev).requires_grad_()
     m = masking.tube(2, (2, 2, 2), 0.5, generator=g)
-    token = torch.randn(384 * 2, generator=g).requires_grad_()
-    pos = torch.randn(1, 8, 384 * 2, generator=g).requires_grad_()
+    ids_keep, ids_restore = m.ids_keep.to(dev), m.ids_restore.to(dev)
+    token = torch.randn(384 * 2, generator=g).to(dev).requires_grad_()
+    pos = torch.randn(1, 8, 384 * 2, generator=g).to(dev).requires_grad_()
+    # the unshuffle has no "cuda" implementation: the reference stands in for it there
+    unshuffle_backend = backend if backend in UNSHUFFLE_SUPPORTED else "torch"
 
     def f(video):
-        vis = wmkernels.gather_patches(video, m.ids_keep, (2, 8, 8), "BTCHW", backend=backend)
+        vis = wmkernels.gather_patches(video, ids_keep, (2, 8, 8), "BTCHW", backend=backend)
         vis = torch.cat([vis, vis], dim=-1)
-        return wmkernels.unshuffle_with_mask_tokens(vis, token, m.ids_restore, pos, backend=backend)
+        return wmkernels.unshuffle_with_mask_tokens(vis, token, ids_restore, pos, backend=unshuffle_backend)
 
     out = torch.compile(f, backend="aot_eager", fullgraph=True)(video)
     want = f(video)
@@ -401,7 +418,7 @@ def test_backward_op_matches_fused_gradient(backend, case):
     tubelet, _, layout, norm_pix, norm_mode, _, _ = case
     video, index, pred = _loss_inputs(case, torch.float32, torch.float32, "contiguous", backend)
     args = (pred, video, index, list(tubelet), layout, norm_pix, norm_mode, 1e-6, None, None)
-    _, fused = masked_mse_loss_op(*args, torch.float32, "torch", True)
-    gp, gv = masked_mse_loss_backward_op(torch.tensor(3.0), *args, True, False, backend)
+    _, fused = masked_mse_loss_op(*args, torch.float32, "torch", True)  # the reference runs on any device
+    gp, gv = masked_mse_loss_backward_op(torch.tensor(3.0, device=pred.device), *args, True, False, backend)
     assert gv.numel() == 0
     torch.testing.assert_close(gp, 3.0 * fused, rtol=1e-5, atol=1e-9)

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, FULL_BACKENDS, LAYOUTS, TOL, TRITON_AVAILABLE, assert_close, make_layout
+from conftest import DTYPES, FULL_BACKENDS, LAYOUTS, TOL, TRITON_AVAILABLE, assert_close, device_for, make_layout
 
 import wmkernels
 
@@ -35,21 +35,24 @@ def make_weight(kind, shape, dtype):
     return (torch.rand(shape) > 0.3).to(dtype)  # a 0/1 mask
 
 
-def make_inputs(shape, dtype, layout, wkind, seed=0):
+def make_inputs(shape, dtype, layout, wkind, seed=0, device="cpu"):
+    """Generated on CPU (the same values on every machine), moved to `device`, then laid out."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g).to(dtype)
-    y = torch.randn(shape, generator=g).to(dtype)
+    x = torch.randn(shape, generator=g).to(dtype).to(device)
+    y = torch.randn(shape, generator=g).to(dtype).to(device)
     if layout != "contiguous" and len(shape) > 0 and shape[0] > 0:
         x, y = make_layout(x, layout), make_layout(y, "strided" if layout == "expanded" else layout)
     w = make_weight(wkind, shape, dtype)
-    return x, y, w
+    return x, y, (w.to(device) if w is not None else None)
 
 
 def check_case(backend, dtype, reduction, wkind, layout, shape):
-    x, y, w = make_inputs(shape, dtype, layout, wkind)
-    xr = x.detach().clone().requires_grad_(True)
-    yr = y.detach().clone().requires_grad_(True)
-    wr = w.detach().clone().requires_grad_(True) if w is not None else None
+    dev = device_for(backend)
+    x, y, w = make_inputs(shape, dtype, layout, wkind, device=dev)
+    # the float64 reference runs on CPU
+    xr = x.detach().cpu().clone().requires_grad_(True)
+    yr = y.detach().cpu().clone().requires_grad_(True)
+    wr = w.detach().cpu().clone().requires_grad_(True) if w is not None else None
     x.requires_grad_(True), y.requires_grad_(True)
     if w is not None:
         w.requires_grad_(True)
@@ -57,18 +60,19 @@ def check_case(backend, dtype, reduction, wkind, layout, shape):
     expected = ref_mse(xr, yr, wr, reduction)
     assert out.dtype == dtype
     assert out.shape == expected.shape
+    assert out.device == x.device
     numel = max(x.numel(), 1)
-    assert_close(out, expected, dtype, scale=numel if reduction == "sum" else 1)
+    assert_close(out.cpu(), expected, dtype, scale=numel if reduction == "sum" else 1)
     if x.numel() == 0:
         return
     grad = torch.randn(out.shape, dtype=dtype) if reduction == "none" else torch.tensor(1.7, dtype=dtype)
     params = [x, y] + ([w] if w is not None else [])
-    got = torch.autograd.grad(out, params, grad)
+    got = torch.autograd.grad(out, params, grad.to(dev))
     want = torch.autograd.grad(expected, [xr, yr] + ([wr] if wr is not None else []), grad.double())
     for name, a, b in zip(("input", "target", "weight"), got, want):
         assert a.dtype == dtype and a.shape == b.shape, name
         # the weight gradient of a mean sums N terms: its absolute error grows with them
-        assert_close(a, b, dtype, scale=numel if name == "weight" else 1)
+        assert_close(a.cpu(), b, dtype, scale=numel if name == "weight" else 1)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
@@ -99,8 +103,9 @@ def test_triton(dtype, reduction, wkind, layout):
 def test_triton_multi_program_and_six_dims():
     # more than one program per grid, and a layout that does not merge to five dims
     check_case("triton", torch.float32, "mean", "none", "contiguous", (3, 7001))
-    x = torch.randn(2, 3, 2, 3, 2, 3).permute(5, 3, 1, 0, 2, 4).requires_grad_(True)
-    y = torch.randn(3, 3, 3, 2, 2, 2)
+    dev = device_for("triton")
+    x = torch.randn(2, 3, 2, 3, 2, 3).to(dev).permute(5, 3, 1, 0, 2, 4).requires_grad_(True)
+    y = torch.randn(3, 3, 3, 2, 2, 2).to(dev)
     check = wmkernels.mse_loss(x, y, backend="triton")
     torch.testing.assert_close(check, F.mse_loss(x, y))
     (g,) = torch.autograd.grad(check, x)
@@ -109,8 +114,9 @@ def test_triton_multi_program_and_six_dims():
 
 @pytest.mark.parametrize("backend_name", FULL_BACKENDS + (["triton"] if TRITON_AVAILABLE else []))
 def test_matches_torch_functional(backend_name):
-    x, y = torch.randn(4, 5, 6, requires_grad=True), torch.randn(4, 5, 6)
-    w = torch.rand(4, 5, 6)
+    dev = device_for(backend_name)  # F.mse_loss runs on the same device
+    x, y = torch.randn(4, 5, 6).to(dev).requires_grad_(True), torch.randn(4, 5, 6).to(dev)
+    w = torch.rand(4, 5, 6).to(dev)
     for reduction in ("mean", "sum", "none"):
         ours = wmkernels.mse_loss(x, y, reduction=reduction, backend=backend_name)
         theirs = F.mse_loss(x, y, reduction=reduction)
@@ -128,8 +134,9 @@ MIXED = [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torc
 @pytest.mark.parametrize("grads", ["input", "target", "both"])
 def test_mixed_dtypes(backend, xd, yd, grads):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 4, 50, generator=g).to(xd).requires_grad_(grads != "target")
-    y = torch.randn(3, 4, 50, generator=g).to(yd).requires_grad_(grads != "input")
+    dev = device_for(backend)  # F.mse_loss and the float64 formula run on the same device
+    x = torch.randn(3, 4, 50, generator=g).to(xd).to(dev).requires_grad_(grads != "target")
+    y = torch.randn(3, 4, 50, generator=g).to(yd).to(dev).requires_grad_(grads != "input")
     out = wmkernels.mse_loss(x, y, backend=backend)
     want = F.mse_loss(x, y)
     assert out.dtype == want.dtype == torch.promote_types(xd, yd)
@@ -145,9 +152,10 @@ def test_mixed_dtypes(backend, xd, yd, grads):
 
 @pytest.mark.parametrize("backend_name", FULL_BACKENDS + (["triton"] if TRITON_AVAILABLE else []))
 def test_gradcheck_float64(backend_name):
-    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(3, 1, 5, dtype=torch.float64, requires_grad=True)
+    dev = device_for(backend_name)
+    x = torch.randn(3, 4, 5, dtype=torch.float64).to(dev).requires_grad_(True)
+    y = torch.randn(3, 4, 5, dtype=torch.float64).to(dev).requires_grad_(True)
+    w = torch.rand(3, 1, 5, dtype=torch.float64).to(dev).requires_grad_(True)
     for reduction in ("mean", "sum", "none"):
         fn = lambda a, b, c: wmkernels.mse_loss(a, b, reduction=reduction, weight=c, backend=backend_name)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x, y, w))
@@ -156,8 +164,9 @@ def test_gradcheck_float64(backend_name):
 
 
 def test_next_frame_views_are_not_copied(backend):
-    video = torch.randn(2, 6, 3, 16, 16)
-    pred = torch.randn(2, 6, 3, 16, 16, requires_grad=True)
+    dev = device_for(backend)
+    video = torch.randn(2, 6, 3, 16, 16).to(dev)
+    pred = torch.randn(2, 6, 3, 16, 16).to(dev).requires_grad_(True)
     with torch.profiler.profile() as prof:
         loss = wmkernels.mse_loss(pred[:, :-1], video[:, 1:], backend=backend)
     copies = [e.key for e in prof.key_averages() if e.key in ("aten::copy_", "aten::clone", "aten::contiguous")]
@@ -167,16 +176,18 @@ def test_next_frame_views_are_not_copied(backend):
 
 
 def test_deterministic(backend):
-    x, y = torch.randn(3, 1000, 700), torch.randn(3, 1000, 700)
-    w = torch.rand(3, 1, 700)
+    dev = device_for(backend)
+    x, y = torch.randn(3, 1000, 700).to(dev), torch.randn(3, 1000, 700).to(dev)
+    w = torch.rand(3, 1, 700).to(dev)
     first = wmkernels.mse_loss(x, y, weight=w, backend=backend)
     for _ in range(3):
         assert torch.equal(wmkernels.mse_loss(x, y, weight=w, backend=backend), first)
 
 
 def test_does_not_write_caller_tensors(backend):
-    x, y = torch.randn(10, 10, requires_grad=True), torch.randn(10, 10, requires_grad=True)
-    w = torch.rand(10, 1)
+    dev = device_for(backend)
+    x, y = torch.randn(10, 10).to(dev).requires_grad_(True), torch.randn(10, 10).to(dev).requires_grad_(True)
+    w = torch.rand(10, 1).to(dev)
     before = [t.detach().clone() for t in (x, y, w)]
     wmkernels.mse_loss(x, y, weight=w, backend=backend).backward()
     for t, b in zip((x, y, w), before):
@@ -184,8 +195,9 @@ def test_does_not_write_caller_tensors(backend):
 
 
 def test_no_grad_and_detached(backend):
-    x = torch.randn(5, 7, requires_grad=True)
-    y = torch.randn(5, 7)
+    dev = device_for(backend)
+    x = torch.randn(5, 7).to(dev).requires_grad_(True)
+    y = torch.randn(5, 7).to(dev)
     with torch.no_grad():
         out = wmkernels.mse_loss(x, y, backend=backend)
     assert not out.requires_grad
@@ -194,16 +206,18 @@ def test_no_grad_and_detached(backend):
 
 
 def test_grad_output_not_one(backend):
-    x = torch.randn(5, 7, requires_grad=True)
-    y = torch.randn(5, 7)
+    dev = device_for(backend)
+    x = torch.randn(5, 7).to(dev).requires_grad_(True)
+    y = torch.randn(5, 7).to(dev)
     (3.0 * wmkernels.mse_loss(x, y, backend=backend)).backward()
     torch.testing.assert_close(x.grad, 3.0 * 2 * (x - y).detach() / x.numel())
 
 
 def test_compile_fullgraph(backend):
-    x = torch.randn(8, 33, requires_grad=True)
-    y = torch.randn(8, 33)
-    w = torch.rand(8, 1)
+    dev = device_for(backend)
+    x = torch.randn(8, 33).to(dev).requires_grad_(True)
+    y = torch.randn(8, 33).to(dev)
+    w = torch.rand(8, 1).to(dev)
 
     @torch.compile(fullgraph=True)
     def step(a, b, c):
@@ -218,10 +232,11 @@ def test_compile_fullgraph(backend):
 
 
 def test_autocast_behaves_like_functional(backend):
-    lin = torch.nn.Linear(16, 16)
-    x = torch.randn(4, 16)
-    video = torch.randn(4, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    dev = device_for(backend)
+    lin = torch.nn.Linear(16, 16).to(dev)
+    x = torch.randn(4, 16).to(dev)
+    video = torch.randn(4, 16).to(dev)
+    with torch.autocast(dev, dtype=torch.bfloat16):
         pred = lin(x)
         assert pred.dtype == torch.bfloat16
         ours = wmkernels.mse_loss(pred, video, backend=backend)
@@ -235,15 +250,17 @@ def test_autocast_behaves_like_functional(backend):
 
 def test_module_form(backend):
     crit = wmkernels.nn.MSELoss(reduction="sum", backend=backend)
-    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    dev = device_for(backend)
+    x, y = torch.randn(3, 4).to(dev), torch.randn(3, 4).to(dev)
     torch.testing.assert_close(crit(x, y), torch.nn.MSELoss(reduction="sum")(x, y))
 
 
 def _ddp_step(backend):
-    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 8))
-    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    dev = device_for(backend)  # gloo runs broadcast and all_reduce (all DDP needs) on CUDA tensors too
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 8).to(dev))
+    x, y = torch.randn(4, 8).to(dev), torch.randn(4, 8).to(dev)
     wmkernels.mse_loss(model(x), y, backend=backend).backward()
-    ref = torch.nn.Linear(8, 8)
+    ref = torch.nn.Linear(8, 8).to(dev)
     ref.load_state_dict(model.module.state_dict())
     F.mse_loss(ref(x), y).backward()
     torch.testing.assert_close(model.module.weight.grad, ref.weight.grad)
@@ -269,14 +286,15 @@ def test_more_than_2_pow_31_elements(backend_name, dtype):
     if backend_name == "torch" and dtype != torch.float32:
         pytest.skip("the reference materializes its float32 temporaries: once is enough (8.6 GB)")
     rows = 715_827_883  # rows * 3 = 2**31 + 1 elements
-    x = torch.tensor([1.0, 2.0, 3.0], dtype=dtype).expand(rows, 3)
-    y = torch.zeros(1, 1, dtype=dtype).expand(rows, 3)
+    dev = device_for(backend_name)
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=dtype).to(dev).expand(rows, 3)
+    y = torch.zeros(1, 1, dtype=dtype).to(dev).expand(rows, 3)
     mean = wmkernels.mse_loss(x, y, backend=backend_name)
-    torch.testing.assert_close(mean.double(), torch.tensor(14.0 / 3.0, dtype=torch.float64), **TOL[dtype])
+    torch.testing.assert_close(mean.double().cpu(), torch.tensor(14.0 / 3.0, dtype=torch.float64), **TOL[dtype])
     if backend_name != "torch":
         total = wmkernels.mse_loss(x, y, reduction="sum", backend=backend_name)
         assert total.double().item() == pytest.approx(14.0 * rows, rel=TOL[dtype]["rtol"])
-        w = torch.tensor([[0.0, 1.0, 0.0]], dtype=dtype)
+        w = torch.tensor([[0.0, 1.0, 0.0]], dtype=dtype).to(dev)
         masked = wmkernels.mse_loss(x, y, weight=w, backend=backend_name)
         assert masked.double().item() == pytest.approx(4.0, rel=TOL[dtype]["rtol"])
 
