@@ -11,7 +11,7 @@
 # Environment knobs: PYTHON (python3), MAX_JOBS (16, parallel compiles), BUILD_TIMEOUT (200 s),
 #   (0: no build), TEST_TIMEOUT (120 s), PYTEST_ARGS (e.g. -k triton), BENCH_TIMEOUT (240 s), TESTS (test files; default the GPU-relevant ones
 #   present), TEST_WORKERS (8, with pytest-xdist), WMKERNELS_CUDA_ARCHS (80,90: the sm_ targets
-#   built), WHEELS (.whl), OUT (if set, a tarball of the results and the logs is copied there).
+#   built), RESULTS (the results folder; default benchmarks/results/<gpu>-<date>), WHEELS (.whl), OUT (if set, a tarball of the results and the logs is copied there).
 # Peers are picked up when importable: carry Inf-CL as a wheel (pip download --no-deps inf_cl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +30,7 @@ import torch
 assert torch.cuda.is_available(), "torch sees no CUDA device"
 print("gpu_runner:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
 EOF
-RES=$("$PY" -c "from wmkernels.bench.__main__ import default_out; print(default_out('cuda', False))")
+RES=${RESULTS:-$("$PY" -c "from wmkernels.bench.__main__ import default_out; print(default_out('cuda', False))")}
 mkdir -p "$RES"
 echo "gpu_runner: results -> $RES"
 status=0

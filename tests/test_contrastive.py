@@ -356,6 +356,8 @@ TRITON_CASES = [  # (B, D, dtype, symmetric, label_smoothing, custom labels, nor
     (33, 300, torch.bfloat16, True, 0.0, False, True),  # wide D: features streamed in chunks, masked D
     (20, 512, torch.float16, False, 0.1, True, True),  # wide D, even
     (130, 128, torch.bfloat16, True, 0.1, True, True),  # two row blocks, a partial column tile
+    (37, 16, torch.bfloat16, True, 0.0, False, True),  # D below the 64-wide tables: BLOCK_K = padded D
+    (37, 32, torch.float16, False, 0.0, False, True),
 ]
 
 

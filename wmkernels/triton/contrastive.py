@@ -231,24 +231,26 @@ def block_d(d: int) -> int:
 def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) to try for `kind` ("lse" / "grad"), padded
     width `bd` and operand dtype; the first is the default. Each compiles for sm_90 without register
-    spills (tests/tools/aot_compile_triton.py), except at bd = 512 (a few hundred bytes at most). BLOCK_K < bd (forward only)
-    streams the rows' features in chunks instead of keeping them resident.
+    spills (tests/tools/aot_compile_triton.py), except at bd = 512 (a few hundred bytes at most).
+    BLOCK_K < bd (forward only) streams the rows' features in chunks instead of keeping them resident.
 
     fp32 runs IEEE fp32 products (not on the tensor cores: three-pass TF32 spilled at every tile
     shape tried) and fp64 exact products, on small tiles."""
     if op in (torch.float32, torch.float64):
         return [(32, 32, bd, 4, 3)] if bd <= 128 else [(16, 16, bd, 4, 3)]
     if kind == "lse":
-        return {64: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3)],
-                128: [(128, 128, 128, 8, 3), (128, 64, 128, 8, 3), (64, 128, 128, 4, 3)],
-                256: [(128, 64, 256, 8, 2), (128, 128, 256, 8, 2), (64, 64, 256, 4, 3)],
-                512: [(64, 64, 128, 4, 3), (128, 32, 512, 8, 2), (64, 32, 512, 4, 3)],  # spills <= 64 B
-                }.get(max(64, bd), [(64, 64, 128, 4, 3)])
-    return {64: [(128, 64, 64, 8, 2), (64, 64, 64, 4, 3), (128, 32, 64, 8, 2)],
-            128: [(64, 64, 128, 4, 3), (64, 64, 128, 8, 2), (64, 32, 128, 4, 3)],
-            256: [(64, 32, 256, 4, 2), (128, 32, 256, 8, 2)],
-            512: [(64, 16, 512, 8, 2), (64, 32, 512, 8, 2)],  # 64 x 512 fp32 accumulator: spills <= 188 B
-            }.get(max(64, bd), [(32, 16, bd, 8, 1)])
+        table = {64: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3)],
+                 128: [(128, 128, 128, 8, 3), (128, 64, 128, 8, 3), (64, 128, 128, 4, 3)],
+                 256: [(128, 64, 256, 8, 2), (128, 128, 256, 8, 2), (64, 64, 256, 4, 3)],
+                 512: [(64, 64, 128, 4, 3), (128, 32, 512, 8, 2), (64, 32, 512, 4, 3)],  # spills <= 64 B
+                 }.get(max(64, bd), [(64, 64, 128, 4, 3)])
+    else:
+        table = {64: [(128, 64, 64, 8, 2), (64, 64, 64, 4, 3), (128, 32, 64, 8, 2)],
+                 128: [(64, 64, 128, 4, 3), (64, 64, 128, 8, 2), (64, 32, 128, 4, 3)],
+                 256: [(64, 32, 256, 4, 2), (128, 32, 256, 8, 2)],
+                 512: [(64, 16, 512, 8, 2), (64, 32, 512, 8, 2)],  # 64 x 512 fp32 accumulator: spills <= 188 B
+                 }.get(max(64, bd), [(32, 16, bd, 8, 1)])
+    return [(bm, bn, min(bk, bd), warps, stages) for bm, bn, bk, warps, stages in table]  # BLOCK_K <= padded D
 
 
 def _launch(kind: str, kernel, m: int, bd: int, op: torch.dtype, device: torch.device, args: tuple, cx: dict):
