@@ -10,6 +10,7 @@ import torch
 
 from .. import _backends, _validation
 from .._registry import impl
+from . import _eager
 
 SUPPORTED = ("triton", "cpu", "torch")
 DISTRIBUTED = (None, "gather", "ring")
@@ -105,14 +106,15 @@ def _backward(ctx, g_row, g_col, *_):
     pw, sr, sc, normalize, symmetric, backend = ctx.args
     g_row = torch.zeros_like(lse_r) if g_row is None else g_row
     g_col = torch.zeros_like(lse_c) if g_col is None else g_col
-    dz1, dz2, ds = contrastive_loss_backward_op(
-        g_row, g_col, z1, z2, scale, labels_row, labels_col, lse_r, lse_c, pw, sr, sc, normalize, symmetric, backend
+    dz1, dz2, ds = _eager.call(
+        contrastive_loss_backward_op, g_row, g_col, z1, z2, scale, labels_row, labels_col, lse_r, lse_c, pw, sr, sc, normalize, symmetric, backend
     )
     need = ctx.needs_input_grad
     return (dz1 if need[0] else None), (dz2 if need[1] else None), (ds if need[2] else None), *([None] * 8)
 
 
 contrastive_loss_op.register_autograd(_backward, setup_context=_setup_context)
+contrastive_loss_fn = _eager.autograd_op(contrastive_loss_op, _setup_context, _backward)
 
 
 def _scale_tensor(temperature, logit_scale, acc: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -249,7 +251,7 @@ def contrastive_loss(
         _check_labels(labels, b, symmetric)
         labels_row = labels.long()
         labels_col = _inverse(labels_row) if symmetric else labels_row.new_empty(0)
-    loss_r, loss_c, _, _, hit_r, hit_c = contrastive_loss_op(
+    loss_r, loss_c, _, _, hit_r, hit_c = contrastive_loss_fn(
         z1, z2, scale, labels_row, labels_col, 1.0 - eps, eps / b, eps / b, normalize, symmetric, name
     )
     per_row = 0.5 * (loss_r + loss_c) if symmetric else loss_r

@@ -170,13 +170,13 @@ def distributed_loss(z1, z2, scale, labels, eps, normalize, symmetric, return_ac
     pw, sr = 1.0 - eps, eps / n
     if mode == "gather":
         z2_all = gather_with_grad(z2, group)
-        loss_r, _, _, _, hit_r, _ = ops.contrastive_loss_op(
+        loss_r, _, _, _, hit_r, _ = ops.contrastive_loss_fn(
             z1, z2_all, scale, labels_row, labels_row[:0], pw, sr, sr, normalize, False, backend
         )
         loss_c = hit_c = None
         if symmetric:
             z1_all = gather_with_grad(z1, group)
-            loss_c, _, _, _, hit_c, _ = ops.contrastive_loss_op(
+            loss_c, _, _, _, hit_c, _ = ops.contrastive_loss_fn(
                 z2, z1_all, scale, labels_col, labels_col[:0], pw, sr, sr, normalize, False, backend
             )
     else:

@@ -12,6 +12,7 @@ import torch
 
 from .. import _backends, _validation
 from .._registry import impl
+from . import _eager
 from ._grad import is_one_on_cpu
 from ..reference import masked as ref
 
@@ -78,13 +79,14 @@ def _gather_backward(ctx, grad):
     ids, std = ctx.saved_tensors
     gv = None
     if ctx.needs_input_grad[0]:
-        gv = gather_patches_backward_op(
-            grad.contiguous(), ids, ctx.video_shape, ctx.video_dtype, ctx.tubelet, ctx.layout, std, ctx.backend
+        gv = _eager.call(
+            gather_patches_backward_op, grad.contiguous(), ids, ctx.video_shape, ctx.video_dtype, ctx.tubelet, ctx.layout, std, ctx.backend
         )
     return gv, None, None, None, None, None, None, None
 
 
 gather_patches_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+_gather_patches = _eager.autograd_op(gather_patches_op, _gather_setup, _gather_backward)
 
 
 # ------------------------------------------------------------------------------------------ unshuffle
@@ -159,8 +161,8 @@ def _unshuffle_backward(ctx, grad):
     need_v, need_t, _, need_p = ctx.needs_input_grad[:4]
     if not (need_v or need_t or need_p):
         return None, None, None, None, None, None
-    gv, gt, gp = unshuffle_backward_op(
-        grad.contiguous(), ids_restore, ctx.num_visible, ctx.visible_dtype, ctx.token_dtype, ctx.pos_shape,
+    gv, gt, gp = _eager.call(
+        unshuffle_backward_op, grad.contiguous(), ids_restore, ctx.num_visible, ctx.visible_dtype, ctx.token_dtype, ctx.pos_shape,
         ctx.pos_dtype, need_v, need_t, need_p, ctx.backend,
     )
     return (
@@ -174,6 +176,7 @@ def _unshuffle_backward(ctx, grad):
 
 
 unshuffle_op.register_autograd(_unshuffle_backward, setup_context=_unshuffle_setup)
+_unshuffle = _eager.autograd_op(unshuffle_op, _unshuffle_setup, _unshuffle_backward)
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -262,8 +265,8 @@ def _loss_backward(ctx, grad_loss, _grad_fused):
         need_pred = False
     if need_pred or need_video:
         tubelet, layout, norm_pix, norm_mode, eps = ctx.args
-        p, v = masked_mse_loss_backward_op(
-            grad_loss, pred, video, index, tubelet, layout, norm_pix, norm_mode, eps, mean, std,
+        p, v = _eager.call(
+            masked_mse_loss_backward_op, grad_loss, pred, video, index, tubelet, layout, norm_pix, norm_mode, eps, mean, std,
             need_pred, need_video, ctx.backend,
         )
         gp = p if need_pred else gp
@@ -272,6 +275,7 @@ def _loss_backward(ctx, grad_loss, _grad_fused):
 
 
 masked_mse_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+_masked_mse_loss = _eager.autograd_op(masked_mse_loss_op, _loss_setup, _loss_backward)
 
 
 # ------------------------------------------------------------------------------------- public functions
@@ -369,7 +373,7 @@ def gather_patches(
         raise TypeError(f"dtype: expected a floating-point dtype, got {dtype}")
     mean_t, std_t = _channel_stats(video, c, mean, std, ref.acc_dtype(dtype, video.dtype))
     name = _backends.resolve("gather_patches", GATHER_SUPPORTED, video.device, backend)
-    return gather_patches_op(video, ids, list(tubelet), layout, mean_t, std_t, dtype, name)
+    return _gather_patches(video, ids, list(tubelet), layout, mean_t, std_t, dtype, name)
 
 
 def unshuffle_with_mask_tokens(
@@ -411,7 +415,7 @@ def unshuffle_with_mask_tokens(
     _validation.check_same_device(visible=visible, mask_token=mask_token, ids_restore=ids_restore,
                                   pos_embed=pos_embed)
     name = _backends.resolve("unshuffle_with_mask_tokens", UNSHUFFLE_SUPPORTED, visible.device, backend)
-    return unshuffle_op(visible, mask_token, ids_restore, pos_embed, out_dtype, name)
+    return _unshuffle(visible, mask_token, ids_restore, pos_embed, out_dtype, name)
 
 
 def masked_mse_loss(
@@ -476,7 +480,7 @@ def masked_mse_loss(
     # cpu and torch write the pred gradient while the targets are at hand (one pass over them);
     # the GPU kernels recompute it in the backward instead of holding it between the passes
     fuse = name in ("cpu", "torch") and torch.is_grad_enabled() and pred.requires_grad
-    loss, _ = masked_mse_loss_op(
+    loss, _ = _masked_mse_loss(
         pred, video, index, list(tubelet), layout, bool(norm_pix), norm_mode, float(eps), mean_t, std_t,
         out_dtype, name, fuse,
     )

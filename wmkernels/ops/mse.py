@@ -8,6 +8,7 @@ import torch
 
 from .. import _backends, _validation
 from .._registry import impl
+from . import _eager
 from ._grad import is_one_on_cpu
 from ..reference import mse as ref
 
@@ -87,8 +88,8 @@ def _backward(ctx, grad_loss, _grad_fused):
         gi = g if need_input else None
         gt = (-g).to(target.dtype) if need_target else None
     elif need_input or need_target:
-        gi, gt = mse_loss_backward_op(
-            grad_loss, input, target, weight, ctx.reduction, ctx.backend, need_input, need_target
+        gi, gt = _eager.call(
+            mse_loss_backward_op, grad_loss, input, target, weight, ctx.reduction, ctx.backend, need_input, need_target
         )
         gi, gt = (gi if need_input else None), (gt if need_target else None)
     if need_weight:
@@ -97,6 +98,7 @@ def _backward(ctx, grad_loss, _grad_fused):
 
 
 mse_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_mse_loss = _eager.autograd_op(mse_loss_op, _setup_context, _backward)
 
 
 def _result_dtype(input, target, weight) -> torch.dtype:
@@ -151,5 +153,5 @@ def mse_loss(
         # the fused gradient is written in the input's dtype: the target's is its negation
         and (not target.requires_grad or target.dtype == input.dtype)
     )
-    loss, _ = mse_loss_op(input, target, weight, reduction, _result_dtype(input, target, weight), name, fuse)
+    loss, _ = _mse_loss(input, target, weight, reduction, _result_dtype(input, target, weight), name, fuse)
     return loss

@@ -3,7 +3,8 @@
 Operands: bf16 / fp16 inputs are normalized in fp32 and rounded once to their own dtype (what the
 eager formula's F.normalize gives); every product then runs on the tensor cores with fp32
 accumulation, and the label / smoothing terms use the same rounded rows, so the result is the fp32
-loss of those rows. fp32 inputs use three-pass TF32 (`tf32x3`, fp32-level accuracy); fp64 is exact.
+loss of those rows. fp32 and fp64 inputs run exact IEEE products on small tiles (not on the tensor
+cores: TF32 would lose fp32 accuracy, and three-pass TF32 spilled registers at every tile tried).
 
 Forward (`_lse_kernel`): one program per block of rows keeps its rows on chip and streams the
 column rows, writing logsumexp, max and first argmax per row (launched once per direction).
@@ -107,6 +108,20 @@ def _lse_update(logits, j0, m, l, arg):
 
 
 @triton.jit
+def _lse_step(x, x_ptr, rows, y_ptr, j0, dd, M, N, D, s, m, l, arg, MASK_N: tl.constexpr, RESIDENT: tl.constexpr,
+              EVEN_D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One column tile of the forward sweep: its logits (x resident or streamed) into (m, l, arg)."""
+    cols = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    if RESIDENT:
+        _, logits = _tile_logits(x, y_ptr, cols, dd, N, D, s, MASK_N, EVEN_D, ACC, PREC, UPCAST)
+    else:
+        logits = _chunked_logits(x_ptr, rows, y_ptr, cols, M, N, D, s, MASK_N, EVEN_D, ACC, PREC, UPCAST,
+                                 BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
+    return _lse_update(logits, j0, m, l, arg)
+
+
+@triton.jit
 def _lse_kernel(
     x_ptr, y_ptr, scale_ptr, lse_ptr, max_ptr, arg_ptr, M, N, D,
     ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
@@ -117,29 +132,18 @@ def _lse_kernel(
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     dd = tl.arange(0, BLOCK_D).to(tl.int64)
     RESIDENT: tl.constexpr = BLOCK_K == BLOCK_D
-    if RESIDENT:
-        x = _load_rows(x_ptr, rows, dd, M, D, EVEN_D)
+    x = _load_rows(x_ptr, rows, dd, M, D, EVEN_D) if RESIDENT else 0.0  # else streamed per tile
     s = tl.load(scale_ptr).to(ACC)
     m = tl.full([BLOCK_M], float("-inf"), ACC)
     l = tl.zeros([BLOCK_M], ACC)
     arg = tl.zeros([BLOCK_M], tl.int64)
     n_full = (N // BLOCK_N) * BLOCK_N
     for j0 in range(0, n_full, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        if RESIDENT:
-            _, logits = _tile_logits(x, y_ptr, cols, dd, N, D, s, False, EVEN_D, ACC, PREC, UPCAST)
-        else:
-            logits = _chunked_logits(x_ptr, rows, y_ptr, cols, M, N, D, s, False, EVEN_D, ACC, PREC, UPCAST,
-                                     BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
-        m, l, arg = _lse_update(logits, j0, m, l, arg)
+        m, l, arg = _lse_step(x, x_ptr, rows, y_ptr, j0, dd, M, N, D, s, m, l, arg, False, RESIDENT, EVEN_D, ACC,
+                              PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
     if n_full < N:
-        cols = n_full + tl.arange(0, BLOCK_N).to(tl.int64)
-        if RESIDENT:
-            _, logits = _tile_logits(x, y_ptr, cols, dd, N, D, s, True, EVEN_D, ACC, PREC, UPCAST)
-        else:
-            logits = _chunked_logits(x_ptr, rows, y_ptr, cols, M, N, D, s, True, EVEN_D, ACC, PREC, UPCAST,
-                                     BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
-        m, l, arg = _lse_update(logits, n_full, m, l, arg)
+        m, l, arg = _lse_step(x, x_ptr, rows, y_ptr, n_full, dd, M, N, D, s, m, l, arg, True, RESIDENT, EVEN_D, ACC,
+                              PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
     rmask = rows < M
     tl.store(lse_ptr + rows, m + tl.log(l), mask=rmask)
     tl.store(max_ptr + rows, m, mask=rmask)
@@ -212,7 +216,9 @@ def _operand_dtype(z1: torch.Tensor, z2: torch.Tensor) -> torch.dtype:
 
 
 def _precision(op: torch.dtype) -> str:
-    return "tf32x3" if op == torch.float32 else "ieee"
+    """IEEE products for every operand dtype: bf16/fp16 run on the tensor cores as they are; fp32
+    is not rounded to TF32 (three-pass TF32 spilled registers at every tile shape tried)."""
+    return "ieee"
 
 
 def _upcast(op: torch.dtype) -> bool:
@@ -234,10 +240,11 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
     spills (tests/tools/aot_compile_triton.py), except at bd = 512 (a few hundred bytes at most).
     BLOCK_K < bd (forward only) streams the rows' features in chunks instead of keeping them resident.
 
-    fp32 runs IEEE fp32 products (not on the tensor cores: three-pass TF32 spilled at every tile
-    shape tried) and fp64 exact products, on small tiles."""
-    if op in (torch.float32, torch.float64):
-        return [(32, 32, bd, 4, 3)] if bd <= 128 else [(16, 16, bd, 4, 3)]
+    fp32 and fp64 run IEEE products (not on the tensor cores) on small tiles, the forward streaming
+    32 features at a time; their backward spills registers at bd >= 128 (8 B there, up to ~4 KB at bd = 512:
+    a 16 x bd wide accumulator per program)."""
+    if op in (torch.float32, torch.float64):  # IEEE products: register-hungry, so small tiles
+        return [(16, 32, 32, 4, 2)] if kind == "lse" else [(16, 16, bd, 8, 2)]
     if kind == "lse":
         table = {64: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3)],
                  128: [(128, 128, 128, 8, 3), (128, 64, 128, 8, 3), (64, 128, 128, 4, 3)],
@@ -366,7 +373,8 @@ def aot_specs() -> list[tuple]:
         aname = "fp64" if acc == torch.float64 else "fp32"
         for bd in (64, 128, 256, 512) if op != torch.float64 else (64, 256):
             base = {"ACC": _tl_acc(acc), "PREC": _precision(op), "UPCAST": False, "EVEN_D": True, "BLOCK_D": bd}
-            checks = {"max_spill_bytes": 256 if bd >= 512 else 0}
+            wide = op in (torch.float32, torch.float64)
+            checks = {"max_spill_bytes": 256 if bd >= 512 and not wide else 0}
             for i, (bm, bn, bk, warps, stages) in enumerate(candidates("lse", bd, op)):
                 if i and op != torch.bfloat16:
                     break
@@ -384,7 +392,8 @@ def aot_specs() -> list[tuple]:
                     sig = {"x_ptr": f"*{name}", "y_ptr": f"*{name}",
                            **{p: f"*{aname}" for p in ("scale_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr",
                                                        "out_ptr")}}
+                    spill_ok = {"max_spill_bytes": 4096} if wide and bd >= 128 else {}
                     specs.append((_grad_kernel, {**sig, **dims, **{k: "constexpr" for k in cx}}, cx,
                                   {"num_warps": warps, "num_stages": stages},
-                                  {**checks, "archs": (80, 90) if i == 0 else (90,)}))
+                                  {**checks, **spill_ok, "archs": (80, 90) if i == 0 else (90,)}))
     return specs

@@ -1,0 +1,58 @@
+"""Eager fast path for the registered ops.
+
+Each op is a `torch.library.custom_op` (so torch.compile sees one opaque node with a fake impl and
+a registered backward). In eager mode that dispatch layer is the largest fixed cost of a call:
+measured on the 2-core CI machine, an MSE forward+backward on 16 elements took 190 us through the
+custom op and 65 us through a `torch.autograd.Function` running the same implementation
+(F.mse_loss: 51 us); on an H100 host the fixed cost made a 16M-element MSE several times slower
+than eager PyTorch. So, outside torch.compile and for plain tensors, `autograd_op` runs the op's own
+Python implementation and its registered setup_context / backward through an autograd.Function,
+and `call` runs a backward op's implementation directly. Traced tensors (FakeTensor,
+FunctionalTensor: subclasses of torch.Tensor), meta tensors and compiling always go through the
+custom op (its fake implementation gives the shapes).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def _raw(op) -> Callable | None:
+    return getattr(op, "_init_fn", None)  # the decorated function (torch.library CustomOpDef)
+
+
+def _eager(args) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return all(type(a) is torch.Tensor and a.device.type != "meta" for a in args if isinstance(a, torch.Tensor))
+
+
+def call(op, *args):
+    """A custom op without autograd (a backward op): its implementation directly when eager."""
+    fn = _raw(op)
+    return fn(*args) if fn is not None and _eager(args) else op(*args)
+
+
+def autograd_op(op, setup_context: Callable, backward: Callable) -> Callable:
+    """A callable with `op`'s signature: the custom op under torch.compile, else an
+    autograd.Function with the same implementation, context setup and backward."""
+    fn = _raw(op)
+
+    class _Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            out = fn(*args)
+            setup_context(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    _Function.__name__ = f"{getattr(fn, '__name__', 'op')}_eager"
+
+    def run(*args):
+        return _Function.apply(*args) if fn is not None and _eager(args) else op(*args)
+
+    return run
