@@ -35,8 +35,10 @@ def call(op, *args):
 
 
 def autograd_op(op, setup_context: Callable, backward: Callable) -> Callable:
-    """A callable with `op`'s signature: the custom op under torch.compile, else an
-    autograd.Function with the same implementation, context setup and backward."""
+    """Registers `backward` / `setup_context` as `op`'s autograd formula and returns a callable with
+    `op`'s signature: the custom op under torch.compile, else an autograd.Function with the same
+    implementation, context setup and backward."""
+    op.register_autograd(backward, setup_context=setup_context)
     fn = _raw(op)
 
     class _Function(torch.autograd.Function):

@@ -113,7 +113,6 @@ def _backward(ctx, g_row, g_col, *_):
     return (dz1 if need[0] else None), (dz2 if need[1] else None), (ds if need[2] else None), *([None] * 8)
 
 
-contrastive_loss_op.register_autograd(_backward, setup_context=_setup_context)
 contrastive_loss_fn = _eager.autograd_op(contrastive_loss_op, _setup_context, _backward)
 
 

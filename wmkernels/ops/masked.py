@@ -85,7 +85,6 @@ def _gather_backward(ctx, grad):
     return gv, None, None, None, None, None, None, None
 
 
-gather_patches_op.register_autograd(_gather_backward, setup_context=_gather_setup)
 _gather_patches = _eager.autograd_op(gather_patches_op, _gather_setup, _gather_backward)
 
 
@@ -175,7 +174,6 @@ def _unshuffle_backward(ctx, grad):
     )
 
 
-unshuffle_op.register_autograd(_unshuffle_backward, setup_context=_unshuffle_setup)
 _unshuffle = _eager.autograd_op(unshuffle_op, _unshuffle_setup, _unshuffle_backward)
 
 
@@ -274,7 +272,6 @@ def _loss_backward(ctx, grad_loss, _grad_fused):
     return (gp, gv) + (None,) * 11
 
 
-masked_mse_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 _masked_mse_loss = _eager.autograd_op(masked_mse_loss_op, _loss_setup, _loss_backward)
 
 

@@ -97,7 +97,6 @@ def _backward(ctx, grad_loss, _grad_fused):
     return gi, gt, gw, None, None, None, None
 
 
-mse_loss_op.register_autograd(_backward, setup_context=_setup_context)
 _mse_loss = _eager.autograd_op(mse_loss_op, _setup_context, _backward)
 
 
