@@ -113,7 +113,7 @@ def mse_forward(input, target, weight, reduction: str, out_dtype: torch.dtype) -
     contig = _is_contig(sizes, strides[:2])
     per_prog = BLOCK * ITERS
     grid = (max(triton.cdiv(n, per_prog), 1),)
-    partial = torch.zeros(grid[0], dtype=acc, device=input.device)
+    partial = torch.empty(grid[0], dtype=acc, device=input.device)  # every program writes its slot
     _mse_fwd_kernel[grid](
         input, target, w, partial, n, *sizes[1:], *strides[0], *strides[1], *strides[2],
         HAS_W=weight is not None, CONTIG=contig, ACC=_tl_acc(acc), BLOCK=BLOCK, ITERS=ITERS,
