@@ -8,10 +8,11 @@
 # in .whl/ (installed with --no-index into a temporary folder).
 #
 # Usage (from anywhere):  bash benchmarks/gpu_runner.sh [extra wmkernels-bench arguments]
-# Environment knobs: PYTHON (python3), MAX_JOBS (16, parallel compiles), BUILD_TIMEOUT (200 s),
-#   (0: no build), TEST_TIMEOUT (120 s), PYTEST_ARGS (e.g. -k triton), BENCH_TIMEOUT (240 s), TESTS (test files; default the GPU-relevant ones
-#   present), TEST_WORKERS (8, with pytest-xdist), WMKERNELS_CUDA_ARCHS (80,90: the sm_ targets
-#   built), RESULTS (the results folder; default benchmarks/results/<gpu>-<date>), WHEELS (.whl), OUT (if set, a tarball of the results and the logs is copied there).
+# Environment knobs: PYTHON (python3), MAX_JOBS (16, parallel compiles), BUILD_TIMEOUT (200 s; 0: no
+#   build), WMKERNELS_CUDA_ARCHS (80,90: the sm_ targets built), TEST_TIMEOUT (120 s), TESTS (test
+#   files; default the GPU-relevant ones), TEST_WORKERS (8, with pytest-xdist), PYTEST_ARGS (e.g.
+#   -k triton), BENCH_TIMEOUT (240 s), RESULTS (default benchmarks/results/<gpu>-<date>), WHEELS
+#   (.whl), OUT (if set, a tarball of the results and the logs is copied there).
 # Peers are picked up when importable: carry Inf-CL as a wheel (pip download --no-deps inf_cl).
 set -uo pipefail
 cd "$(dirname "$0")/.."

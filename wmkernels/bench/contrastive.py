@@ -45,7 +45,8 @@ def _infcl():
     def loss(z1, z2, scale):  # cal_flash_loss returns per-row losses (D must be a multiple of 256)
         a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
         labels = torch.arange(z1.shape[0], device=z1.device)
-        return 0.5 * (cal_flash_loss(a, b, labels, scale=scale).mean() + cal_flash_loss(b, a, labels, scale=scale).mean())
+        row, col = cal_flash_loss(a, b, labels, scale=scale), cal_flash_loss(b, a, labels, scale=scale)
+        return 0.5 * (row.mean() + col.mean())
 
     return loss
 
