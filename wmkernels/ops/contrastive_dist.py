@@ -132,24 +132,22 @@ class _RingContrastive(torch.autograd.Function):
         travel = [z1.detach(), z2.detach(), torch.zeros_like(z1, dtype=acc), torch.zeros_like(z2, dtype=acc)]
         g_row = torch.zeros_like(lse_r) if g_row is None else g_row
         g_col = torch.zeros_like(lse_c) if g_col is None else g_col
+        def one_direction(g, x, y_blk, labels, lse, src, gx, gy_blk):
+            """Local rows x against the visiting block y_blk in one direction: adds the gradients."""
+            lab = _in_block(labels, src * rows, rows)
+            d_rows, d_cols, ds = mod.contrastive_backward(
+                g, g[:0], x, y_blk, scale, lab, lab[:0], lse, lse[:0], pw, sr, sr, normalize, False
+            )
+            gx += d_rows
+            gy_blk += d_cols
+            return ds
+
         for step in range(world):
             src = (rank - step) % world
             a_blk, b_blk, ga_blk, gb_blk = travel
-            lab = _in_block(labels_row, src * rows, rows)
-            d_rows, d_cols, ds = mod.contrastive_backward(
-                g_row, g_row[:0], z1, b_blk, scale, lab, lab[:0], lse_r, lse_r[:0], pw, sr, sr, normalize, False
-            )
-            g1 += d_rows
-            gb_blk += d_cols
-            dscale += ds
+            dscale += one_direction(g_row, z1, b_blk, labels_row, lse_r, src, g1, gb_blk)
             if symmetric:
-                lab = _in_block(labels_col, src * rows, rows)
-                d_rows, d_cols, ds = mod.contrastive_backward(
-                    g_col, g_col[:0], z2, a_blk, scale, lab, lab[:0], lse_c, lse_c[:0], pw, sr, sr, normalize, False
-                )
-                g2 += d_rows
-                ga_blk += d_cols
-                dscale += ds
+                dscale += one_direction(g_col, z2, a_blk, labels_col, lse_c, src, g2, ga_blk)
             travel = ring.finish(ring.start(travel))  # after the W-th shift each block is home
         g1 += travel[2]
         g2 += travel[3]
