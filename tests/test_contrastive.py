@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import wmkernels
-from conftest import DTYPES, TRITON_AVAILABLE, assert_close, device_for, make_layout, runnable_backends
+from conftest import DTYPES, FULL_BACKENDS, TRITON_AVAILABLE, assert_close, device_for, make_layout, runnable_backends
 from wmkernels.cpp import contrastive as cpp_contrastive
 
 
@@ -356,6 +356,7 @@ TRITON_CASES = [  # (B, D, dtype, symmetric, label_smoothing, custom labels, nor
     (33, 300, torch.bfloat16, True, 0.0, False, True),  # wide D: features streamed in chunks, masked D
     (20, 512, torch.float16, False, 0.1, True, True),  # wide D, even
     (130, 128, torch.bfloat16, True, 0.1, True, True),  # two row blocks, a partial column tile
+    (300, 64, torch.bfloat16, True, 0.0, True, True),  # fused symmetric sweep: a program with two row blocks
     (37, 16, torch.bfloat16, True, 0.0, False, True),  # D below the 64-wide tables: BLOCK_K = padded D
     (37, 32, torch.float16, False, 0.0, False, True),
 ]
@@ -391,3 +392,41 @@ def test_triton_accuracy_matches_cpu():
     assert 0.2 < b.accuracy_12 < 0.99
     assert torch.equal(a.accuracy_12, b.accuracy_12) and torch.equal(a.accuracy_21, b.accuracy_21)
     assert_close(a.loss, b.loss, torch.float64)
+
+
+@pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton backend not runnable here")
+def test_triton_argmax_ties_take_the_first():
+    """Equal logits in one column from rows in different programs of the fused symmetric sweep
+    (16-row blocks, 2 programs under the interpreter): the first row wins, as in torch.max."""
+    g = torch.Generator().manual_seed(4)
+    z1 = torch.randn(70, 8, generator=g, dtype=torch.float64)
+    z1[20] = z1[5]  # rows 5 (block 0, program 0) and 20 (block 1, program 1) score every column alike
+    z1[66] = z1[40]  # blocks 2 and 4, both program 0
+    z2 = z1 + 0.01 * torch.randn(70, 8, generator=g, dtype=torch.float64)
+    z2[[5, 40]] = torch.randn(2, 8, generator=g, dtype=torch.float64)  # columns 5 and 40 miss either way
+    dev = device_for("triton")
+    z1, z2 = z1.to(dev), z2.to(dev)
+    a = wmkernels.contrastive_loss(z1, z2, return_accuracy=True, backend="triton")
+    b = wmkernels.contrastive_loss(z1, z2, return_accuracy=True, backend="torch")
+    assert b.accuracy_21.item() == pytest.approx(66 / 70)  # and columns 20 and 66 lose their ties
+    assert torch.equal(a.accuracy_12, b.accuracy_12) and torch.equal(a.accuracy_21, b.accuracy_21)
+
+
+@pytest.mark.parametrize("backend", [b for b in (*FULL_BACKENDS, "triton") if b != "triton" or TRITON_AVAILABLE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_far_columns_at_clip_scale(backend, dtype):
+    """logit_scale 100 (CLIP's clamp) with one z2 row opposite to every z1 row: its column's logits
+    sit ~200 below the others'. The column logsumexp must stay finite and exact (the Triton sweep's
+    one-exp column sums would underflow here; it switches to a second exp for such tiles)."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.zeros(40, 24)
+    base[:, 0] = 1.0
+    z1 = base + 0.05 * torch.randn(40, 24, generator=g)
+    z2 = base + 0.05 * torch.randn(40, 24, generator=g)
+    z2[3] = -z2[3]
+    dev = device_for(backend)
+    ours, ref = run_both(z1.to(dev), z2.to(dev), 100.0, backend, dtype)
+    assert torch.isfinite(ours[0]).all()
+    # bf16 on Triton rounds the normalized rows to bf16 (as eager bf16 does); at scale 100 that
+    # moves logits by up to ~0.4 against the fp64 reference
+    check(ours, ref, dtype, grad_scale=4.0 if dtype == torch.bfloat16 else 1.0)

@@ -30,6 +30,11 @@ import triton.language as tl
 from ..reference import contrastive as ref
 
 _TUNE_MIN_ROWS = 8192  # below this the first candidate config is used, untimed
+_REDUCE_BLOCK = 256  # columns per program of the partials' reduction
+# Column maxima further than this below the tile's largest row max take the two-exp path: below
+# it every term that can reach fp32 rounding of a column sum (exp(-17) of its max) stays >= exp(-77),
+# a normal float, in the one-exp path.
+_FAR: tl.constexpr = tl.constexpr(60.0)
 _picked: dict[tuple, tuple] = {}
 
 
@@ -109,16 +114,26 @@ def _lse_update(logits, j0, m, l, arg):
 
 
 @triton.jit
-def _lse_step(x, x_ptr, rows, y_ptr, j0, dd, M, N, D, s, m, l, arg, MASK_N: tl.constexpr, RESIDENT: tl.constexpr,
-              EVEN_D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One column tile of the forward sweep: its logits (x resident or streamed) into (m, l, arg)."""
-    cols = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
+def _fwd_logits(x, x_ptr, rows, y_ptr, cols, dd, M, N, D, s, MASK_N: tl.constexpr, RESIDENT: tl.constexpr,
+                EVEN_D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One forward tile's logits, x resident (RESIDENT) or streamed in BLOCK_K chunks."""
     if RESIDENT:
         _, logits = _tile_logits(x, y_ptr, cols, dd, N, D, s, MASK_N, EVEN_D, ACC, PREC, UPCAST)
     else:
         logits = _chunked_logits(x_ptr, rows, y_ptr, cols, M, N, D, s, MASK_N, EVEN_D, ACC, PREC, UPCAST,
                                  BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
+    return logits
+
+
+@triton.jit
+def _lse_step(x, x_ptr, rows, y_ptr, j0, dd, M, N, D, s, m, l, arg, MASK_N: tl.constexpr, RESIDENT: tl.constexpr,
+              EVEN_D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One column tile of the forward sweep: its logits into the row statistics (m, l, arg)."""
+    cols = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    logits = _fwd_logits(x, x_ptr, rows, y_ptr, cols, dd, M, N, D, s, MASK_N, RESIDENT, EVEN_D, ACC, PREC, UPCAST,
+                         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
     return _lse_update(logits, j0, m, l, arg)
 
 
@@ -149,6 +164,118 @@ def _lse_kernel(
     tl.store(lse_ptr + rows, m + tl.log(l), mask=rmask)
     tl.store(max_ptr + rows, m, mask=rmask)
     tl.store(arg_ptr + rows, arg, mask=rmask)
+
+
+@triton.jit
+def _sym_step(x, x_ptr, rows, r0, y_ptr, j0, dd, M, N, D, s, m, l, arg, pm_ptr, ps_ptr, pa_ptr, later,
+              MASK_N: tl.constexpr, RESIDENT: tl.constexpr, EVEN_D: tl.constexpr, ACC: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile of the symmetric sweep: row statistics in registers, and this program's running
+    column statistics (max, sum of exp, first argmax over the rows it has seen) read and written
+    back in its own slice of the partials (no other program touches it). The slice is read only
+    when `later` (on the program's first row block it is uninitialized).
+
+    One exp per logit: the column sums reuse the row softmax numerators P = exp(L - m_i),
+    sum_i exp(L_ij - c) = exp(R - c) sum_i P_ij exp(m_i - R) with R = max_i m_i. When some column's
+    max sits more than _FAR below R (possible only for scales above ~30), P may have underflowed
+    where that column still needs it, and the tile takes a second exp per logit instead."""
+    cols = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    logits = _fwd_logits(x, x_ptr, rows, y_ptr, cols, dd, M, N, D, s, MASK_N, RESIDENT, EVEN_D, ACC, PREC, UPCAST,
+                         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
+    tmax = tl.max(logits, axis=1)
+    arg = tl.where(tmax > m, tl.argmax(logits, axis=1).to(tl.int64) + j0, arg)  # strict: ties keep the earlier
+    new_m = tl.maximum(m, tmax)
+    p = tl.exp(logits - new_m[:, None])
+    l = l * tl.exp(m - new_m) + tl.sum(p, axis=1)
+    m = new_m
+
+    rvalid = rows < M  # rows past M are zero rows, not candidates of any column
+    lc = tl.where(rvalid[:, None], logits, float("-inf"))
+    cmask = cols < N
+    rd = cmask & (tl.zeros([BLOCK_N], tl.int32) + later != 0)  # a scalar flag as a vector mask
+    pm = tl.load(pm_ptr + cols, mask=rd, other=float("-inf"))
+    ps = tl.load(ps_ptr + cols, mask=rd, other=0.0)
+    pa = tl.load(pa_ptr + cols, mask=rd, other=0)
+    cmax = tl.max(lc, axis=0)
+    pa = tl.where(cmax > pm, (tl.argmax(lc, axis=0) + r0).to(tl.int32), pa)  # rows come in increasing order
+    new = tl.maximum(pm, cmax)
+    shift = tl.where(cmask, new, 0.0)  # columns past N stay -inf without -inf - -inf
+    big = tl.max(tl.where(rvalid, m, float("-inf")), axis=0)
+    gap = tl.where(cmask, big - shift, 0.0)
+    if tl.max(gap, axis=0) > _FAR:
+        csum = tl.sum(tl.exp(lc - shift[None, :]), axis=0)
+    else:
+        w = tl.where(rvalid, tl.exp(m - big), 0.0)
+        csum = tl.sum(p * w[:, None], axis=0) * tl.exp(gap)
+    tl.store(pm_ptr + cols, new, mask=cmask)
+    tl.store(ps_ptr + cols, ps * tl.exp(pm - shift) + csum, mask=cmask)
+    tl.store(pa_ptr + cols, pa, mask=cmask)
+    return m, l, arg
+
+
+@triton.jit
+def _sym_lse_kernel(
+    x_ptr, y_ptr, scale_ptr, lse_ptr, max_ptr, arg_ptr, pm_ptr, ps_ptr, pa_ptr, M, N, D, n_row_blocks,
+    ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Both directions in one sweep over the logits L = scale * x @ y.T: per row of x its
+    logsumexp, max and first argmax (as _lse_kernel), and per program p (a persistent grid of P
+    programs, block rows p, p + P, ...) the partial column statistics over its rows in row p of the
+    P x N buffers pm (max), ps (sum of exp(L - pm)), pa (first argmax, int32), merged by
+    _col_reduce_kernel. Each logit is formed once; reads the rows once per program tile, writes
+    O(P N + M)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    dd = tl.arange(0, BLOCK_D).to(tl.int64)
+    RESIDENT: tl.constexpr = BLOCK_K == BLOCK_D
+    s = tl.load(scale_ptr).to(ACC)
+    part = pid.to(tl.int64) * N
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for rb in range(pid, n_row_blocks, nprog):
+        r0 = rb * BLOCK_M  # < M: fits int32
+        rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        x = _load_rows(x_ptr, rows, dd, M, D, EVEN_D) if RESIDENT else 0.0  # else streamed per tile
+        later = rb - pid  # nonzero after the program's first row block
+        m = tl.full([BLOCK_M], float("-inf"), ACC)
+        l = tl.zeros([BLOCK_M], ACC)
+        arg = tl.zeros([BLOCK_M], tl.int64)
+        for j0 in range(0, n_full, BLOCK_N):
+            m, l, arg = _sym_step(x, x_ptr, rows, r0, y_ptr, j0, dd, M, N, D, s, m, l, arg, pm_ptr + part,
+                                  ps_ptr + part, pa_ptr + part, later, False, RESIDENT, EVEN_D, ACC, PREC, UPCAST,
+                                  BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
+        if n_full < N:
+            m, l, arg = _sym_step(x, x_ptr, rows, r0, y_ptr, n_full, dd, M, N, D, s, m, l, arg, pm_ptr + part,
+                                  ps_ptr + part, pa_ptr + part, later, True, RESIDENT, EVEN_D, ACC, PREC, UPCAST,
+                                  BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
+        rmask = rows < M
+        tl.store(lse_ptr + rows, m + tl.log(l), mask=rmask)
+        tl.store(max_ptr + rows, m, mask=rmask)
+        tl.store(arg_ptr + rows, arg, mask=rmask)
+
+
+@triton.jit
+def _col_reduce_kernel(pm_ptr, ps_ptr, pa_ptr, lse_ptr, max_ptr, arg_ptr, N, P, ACC: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Column logsumexp, max and first argmax from the P partial rows of _sym_lse_kernel; reads
+    12 bytes (fp32) per partial entry, the max twice."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    cmask = cols < N
+    mx = tl.full([BLOCK], float("-inf"), ACC)
+    for p in range(P):
+        mx = tl.maximum(mx, tl.load(pm_ptr + p * N + cols, mask=cmask, other=float("-inf")))
+    shift = tl.where(cmask, mx, 0.0)
+    sm = tl.zeros([BLOCK], ACC)
+    arg = tl.full([BLOCK], 2147483647, tl.int32)
+    for p in range(P):
+        pm = tl.load(pm_ptr + p * N + cols, mask=cmask, other=float("-inf"))
+        sm += tl.load(ps_ptr + p * N + cols, mask=cmask, other=0.0) * tl.exp(pm - shift)
+        pa = tl.load(pa_ptr + p * N + cols, mask=cmask, other=0)
+        arg = tl.where(pm == mx, tl.minimum(arg, pa), arg)  # the first row reaching the max
+    tl.store(lse_ptr + cols, mx + tl.log(tl.where(cmask, sm, 1.0)), mask=cmask)
+    tl.store(max_ptr + cols, mx, mask=cmask)
+    tl.store(arg_ptr + cols, arg.to(tl.int64), mask=cmask)
 
 
 @triton.jit
@@ -236,10 +363,11 @@ def block_d(d: int) -> int:
 
 
 def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) to try for `kind` ("lse" / "grad"), padded
-    width `bd` and operand dtype; the first is the default. Each compiles for sm_90 without register
-    spills (tests/tools/aot_compile_triton.py), except at bd = 512 (a few hundred bytes at most).
-    BLOCK_K < bd (forward only) streams the rows' features in chunks instead of keeping them resident.
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) to try for `kind` ("lse" / "sym" / "grad"),
+    padded width `bd` and operand dtype; the first is the default. Each compiles for sm_90 without
+    register spills (tests/tools/aot_compile_triton.py), except at bd = 512 (a few hundred bytes at
+    most). BLOCK_K < bd (forward only) streams the rows' features in chunks instead of keeping them
+    resident.
 
     fp32 and fp64 run IEEE products (not on the tensor cores) on 16 x 16 tiles; they spill registers
     at bd >= 128 (a few bytes there, up to a few KB at bd = 512: the resident rows and, backward,
@@ -248,8 +376,14 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
         # IEEE products: register-hungry, so small tiles. The forward and the backward form each
         # logit the same way (same column tile, features resident), so the backward's recomputed
         # logits equal the forward's bit for bit and softmax rows cancel exactly against labels.
-        return [(16, 16, bd, 4, 2)] if kind == "lse" else [(16, 16, bd, 8, 2)]
-    if kind == "lse":
+        return [(16, 16, bd, 8, 2)] if kind == "grad" else [(16, 16, bd, 4, 2)]
+    if kind == "sym":  # the column statistics take registers: narrower column tiles, features streamed
+        table = {64: [(128, 32, 64, 8, 3), (64, 32, 64, 4, 3)],
+                 128: [(128, 32, 128, 8, 3), (128, 32, 64, 8, 3), (64, 64, 64, 8, 3)],
+                 256: [(128, 64, 64, 8, 3), (128, 32, 64, 8, 3), (64, 64, 64, 8, 3)],
+                 512: [(128, 64, 64, 8, 3), (128, 32, 64, 8, 3), (64, 32, 128, 8, 3)],
+                 }.get(max(64, bd), [(64, 32, 64, 4, 3)])
+    elif kind == "lse":
         table = {64: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3)],
                  128: [(128, 128, 128, 8, 3), (128, 64, 128, 8, 3), (64, 128, 128, 4, 3)],
                  256: [(128, 64, 256, 8, 2), (128, 128, 256, 8, 2), (64, 64, 256, 4, 3)],
@@ -264,46 +398,62 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
     return [(bm, bn, min(bk, bd), warps, stages) for bm, bn, bk, warps, stages in table]  # BLOCK_K <= padded D
 
 
-def _launch(kind: str, kernel, m: int, bd: int, op: torch.dtype, device: torch.device, args: tuple, cx: dict):
-    cands = candidates(kind, bd, op)
-    key = (kind, bd, op, tuple(sorted(cx.items())), m.bit_length())
+def _tuned(key: tuple, cands: list, run, m: int, device: torch.device):
+    """run(cand) for the candidate picked for `key`: the first one on CPU (the interpreter), below
+    _TUNE_MIN_ROWS rows or with WMKERNELS_TUNE=0, else the fastest when first timed."""
     if device.type != "cuda" or m < _TUNE_MIN_ROWS or len(cands) == 1 or os.environ.get("WMKERNELS_TUNE") == "0":
         chosen = cands[0]
     elif key in _picked:
         chosen = _picked[key]
     else:
-        chosen = _pick(kind, kernel, cands, m, args, cx)
-        _picked[key] = chosen
-    kernel[(triton.cdiv(m, chosen[0]),)](*args, **cx, **_meta(kind, chosen))
+        chosen = _picked[key] = _pick(key, cands, run)
+    return run(chosen)
 
 
 def _meta(kind: str, cand: tuple) -> dict:
     bm, bn, bk, warps, stages = cand
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    if kind == "lse":
+    if kind != "grad":
         meta["BLOCK_K"] = bk
     return meta
 
 
-def _pick(kind, kernel, cands, m, args, cx):
-    """Times each candidate once after a compile-and-warm-up launch; the fastest wins. A config
+def _pick(key, cands, run):
+    """Times each candidate once after a compile-and-warm-up run; the fastest wins. A config
     that does not compile for this device (out of shared memory or registers) is skipped."""
     times = {}
     for cand in cands:
-        launch = lambda: kernel[(triton.cdiv(m, cand[0]),)](*args, **cx, **_meta(kind, cand))  # noqa: E731
         try:
-            launch()
+            run(cand)
         except Exception:  # triton's OutOfResources and friends differ across versions
             continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        launch()
+        run(cand)
         end.record()
         end.synchronize()
         times[cand] = start.elapsed_time(end)
     if not times:
-        raise RuntimeError(f"no Triton config of {kernel} compiled for this device: {cands}")
+        raise RuntimeError(f"no Triton config for {key} compiled for this device: {cands}")
     return min(times, key=times.get)
+
+
+def _launch(kind: str, kernel, m: int, bd: int, op: torch.dtype, device: torch.device, args: tuple, cx: dict):
+    """One row-blocked launch of `kernel` ("lse" / "grad"), config tuned per size class."""
+    def run(cand):
+        kernel[(triton.cdiv(m, cand[0]),)](*args, **cx, **_meta(kind, cand))
+
+    key = (kind, bd, op, tuple(sorted(cx.items())), m.bit_length())
+    _tuned(key, candidates(kind, bd, op), run, m, device)
+
+
+def _programs(device: torch.device) -> int:
+    """Programs of the persistent symmetric forward: one per SM on a GPU (each keeps a column
+    slice of partials, so more would cost memory, not speed); 2 under the interpreter, so that
+    the tests see programs with several row blocks."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
 
 
 # --- host side -----------------------------------------------------------------------------------
@@ -339,10 +489,40 @@ def _prepare(z1, z2, normalize):
     return acc, ka.to(acc), kb.to(acc), ka, kb
 
 
+_SPLIT = ("split",)  # the symmetric forward as two one-direction sweeps, a tuning candidate
+
+
+def _sym_lse(x, y, scale, acc):
+    """(lse, max, arg) per row of x and per row of y (the columns) of scale * x @ y.T: one fused
+    sweep (P x N partials, P = _programs) or, where timed faster, one sweep per direction."""
+    m, n, d = x.shape[0], y.shape[0], x.shape[1]
+    bd, dev = block_d(d), x.device
+    cx = dict(ACC=_tl_acc(acc), PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype), EVEN_D=d == bd, BLOCK_D=bd)
+
+    def run(cand):
+        if cand == _SPLIT:
+            return _lse(x, y, scale, acc) + _lse(y, x, scale, acc)
+        n_rb = triton.cdiv(m, cand[0])
+        p = min(_programs(dev), n_rb)
+        lse_r, max_r = torch.empty(m, dtype=acc, device=dev), torch.empty(m, dtype=acc, device=dev)
+        arg_r = torch.empty(m, dtype=torch.int64, device=dev)
+        pm, ps = torch.empty(p, n, dtype=acc, device=dev), torch.empty(p, n, dtype=acc, device=dev)
+        pa = torch.empty(p, n, dtype=torch.int32, device=dev)
+        _sym_lse_kernel[(p,)](x, y, scale, lse_r, max_r, arg_r, pm, ps, pa, m, n, d, n_rb, **cx, **_meta("sym", cand))
+        lse_c, max_c = torch.empty(n, dtype=acc, device=dev), torch.empty(n, dtype=acc, device=dev)
+        arg_c = torch.empty(n, dtype=torch.int64, device=dev)
+        _col_reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK),)](pm, ps, pa, lse_c, max_c, arg_c, n, p, ACC=cx["ACC"],
+                                                             BLOCK=_REDUCE_BLOCK)
+        return lse_r, max_r, arg_r, lse_c, max_c, arg_c
+
+    key = ("sym", bd, x.dtype, tuple(sorted(cx.items())), m.bit_length())
+    return _tuned(key, candidates("sym", bd, x.dtype) + [_SPLIT], run, m, dev)
+
+
 def contrastive_forward(z1, z2, scale, labels_row, labels_col, pos_weight, smooth_row, smooth_col, normalize, symmetric):
     acc, a, b, ka, kb = _prepare(z1, z2, normalize)
     scale = scale.to(acc).contiguous()
-    core = _lse(ka, kb, scale, acc) + (_lse(kb, ka, scale, acc) if symmetric else (None, None, None))
+    core = _sym_lse(ka, kb, scale, acc) if symmetric else _lse(ka, kb, scale, acc) + (None, None, None)
     return ref.finish_forward(a, b, scale, labels_row, labels_col, pos_weight, smooth_row, smooth_col, symmetric, core)
 
 
@@ -379,14 +559,18 @@ def aot_specs() -> list[tuple]:
             base = {"ACC": _tl_acc(acc), "PREC": _precision(op), "UPCAST": False, "EVEN_D": True, "BLOCK_D": bd}
             wide = op in (torch.float32, torch.float64)
             checks = {"max_spill_bytes": 8192 if wide and bd >= 128 else 256 if bd >= 512 else 0}
-            for i, (bm, bn, bk, warps, stages) in enumerate(candidates("lse", bd, op)):
-                if i and op != torch.bfloat16:
-                    break
-                cx = {**base, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-                sig = {"x_ptr": f"*{name}", "y_ptr": f"*{name}", "scale_ptr": f"*{aname}", "lse_ptr": f"*{aname}",
-                       "max_ptr": f"*{aname}", "arg_ptr": "*i64", **dims}
-                specs.append((_lse_kernel, {**sig, **{k: "constexpr" for k in cx}}, cx,
-                              {"num_warps": warps, "num_stages": stages}, {**checks, "archs": (80, 90) if i == 0 else (90,)}))
+            fwd_sig = {"x_ptr": f"*{name}", "y_ptr": f"*{name}", "scale_ptr": f"*{aname}", "lse_ptr": f"*{aname}",
+                       "max_ptr": f"*{aname}", "arg_ptr": "*i64"}
+            sym_sig = {**fwd_sig, "pm_ptr": f"*{aname}", "ps_ptr": f"*{aname}", "pa_ptr": "*i32", **dims,
+                       "n_row_blocks": "i32"}
+            for kernel, kind, sig in ((_lse_kernel, "lse", {**fwd_sig, **dims}), (_sym_lse_kernel, "sym", sym_sig)):
+                for i, (bm, bn, bk, warps, stages) in enumerate(candidates(kind, bd, op)):
+                    if i and op != torch.bfloat16:
+                        break
+                    cx = {**base, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+                    specs.append((kernel, {**sig, **{k: "constexpr" for k in cx}}, cx,
+                                  {"num_warps": warps, "num_stages": stages},
+                                  {**checks, "archs": (80, 90) if i == 0 else (90,)}))
             for i, (bm, bn, _, warps, stages) in enumerate(candidates("grad", bd, op)):
                 if i and op != torch.bfloat16:
                     break
@@ -399,4 +583,9 @@ def aot_specs() -> list[tuple]:
                     specs.append((_grad_kernel, {**sig, **dims, **{k: "constexpr" for k in cx}}, cx,
                                   {"num_warps": warps, "num_stages": stages},
                                   {**checks, "archs": (80, 90) if i == 0 else (90,)}))
+    for aname, acc in (("fp32", tl.float32), ("fp64", tl.float64)):
+        cx = {"ACC": acc, "BLOCK": _REDUCE_BLOCK}
+        sig = {**{p: f"*{aname}" for p in ("pm_ptr", "ps_ptr")}, "pa_ptr": "*i32", "lse_ptr": f"*{aname}",
+               "max_ptr": f"*{aname}", "arg_ptr": "*i64", "N": "i64", "P": "i32"}
+        specs.append((_col_reduce_kernel, {**sig, **{k: "constexpr" for k in cx}}, cx, {}, {}))
     return specs
