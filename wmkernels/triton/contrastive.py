@@ -6,18 +6,23 @@ accumulation, and the label / smoothing terms use the same rounded rows, so the 
 loss of those rows. fp32 and fp64 inputs run exact IEEE products on small tiles (not on the tensor
 cores: TF32 would lose fp32 accuracy, and three-pass TF32 spilled registers at every tile tried).
 
-Forward (`_lse_kernel`): one program per block of rows keeps its rows on chip and streams the
-column rows, writing logsumexp, max and first argmax per row (launched once per direction).
-Backward (`_grad_kernel`): the same sweep forms G = g_row P + g_col Q per tile and accumulates
-G @ y for its rows; launched for d a (rows a) and d b (rows b). Nothing B x B is stored: extra
-memory is the prepared rows and O(B) statistics. Full column tiles run without masks; the last,
-partial one is masked.
+Forward, one direction (`_lse_kernel`): one program per block of rows keeps its rows on chip and
+streams the column rows, writing logsumexp, max and first argmax per row. Symmetric
+(`_sym_lse_kernel` + `_col_reduce_kernel`): one sweep forms each logit once for both directions; a
+persistent grid of P programs (one per SM) keeps each program's running column statistics in its
+own row of P x N partials (12 bytes per entry in fp32), merged afterwards; one exp per logit serves
+both directions (see `_FAR`). Backward (`_grad_kernel`): the same sweep forms G = g_row P + g_col Q
+per tile (one exp per logit) and accumulates G @ y for its rows; launched for d a (rows a) and d b
+(rows b). Nothing B x B is stored: extra memory is the prepared rows, O(B) statistics and the
+P x N partials. Full column tiles run without masks; the last, partial one is masked.
 
 Tile shapes: at large B on a GPU each kernel times a few candidate configs once per (kernel, padded
 D, dtype, size class) and keeps the fastest (`_pick`; like triton.autotune, that first call waits for
 the GPU: warm up before capturing CUDA graphs, or set WMKERNELS_TUNE=0 for the default configs);
-small problems and the interpreter use the first candidate. Row results do not depend on BLOCK_M; BLOCK_N changes the order of the online
-logsumexp updates, so two configs agree to rounding, not bit for bit.
+small problems and the interpreter use the first candidate. The symmetric forward also times two
+one-direction sweeps (`_SPLIT`) against the fused one. Tile shapes, the SM count and that choice
+change the order of the logsumexp updates, so results agree across them to rounding, not bit for
+bit (on one GPU and config, runs repeat exactly).
 """
 from __future__ import annotations
 
@@ -31,10 +36,12 @@ from ..reference import contrastive as ref
 
 _TUNE_MIN_ROWS = 8192  # below this the first candidate config is used, untimed
 _REDUCE_BLOCK = 256  # columns per program of the partials' reduction
-# Column maxima further than this below the tile's largest row max take the two-exp path: below
-# it every term that can reach fp32 rounding of a column sum (exp(-17) of its max) stays >= exp(-77),
-# a normal float, in the one-exp path.
-_FAR: tl.constexpr = tl.constexpr(60.0)
+# One exp per logit serves both directions (row softmax numerators rescaled per column) unless a
+# column's max (forward) or logsumexp (backward) sits more than this below the block's largest row
+# max / logsumexp: then the rescaled numerators could have underflowed where the column still needs
+# them, and the tile takes a second exp. Below it, every term within exp(-17) (fp32 rounding) of a
+# column's max stays >= exp(-57), a normal float. Typical scales (up to ~20) never reach it.
+_FAR: tl.constexpr = tl.constexpr(40.0)
 _picked: dict[tuple, tuple] = {}
 
 
@@ -177,9 +184,8 @@ def _sym_step(x, x_ptr, rows, r0, y_ptr, j0, dd, M, N, D, s, m, l, arg, pm_ptr, 
     when `later` (on the program's first row block it is uninitialized).
 
     One exp per logit: the column sums reuse the row softmax numerators P = exp(L - m_i),
-    sum_i exp(L_ij - c) = exp(R - c) sum_i P_ij exp(m_i - R) with R = max_i m_i. When some column's
-    max sits more than _FAR below R (possible only for scales above ~30), P may have underflowed
-    where that column still needs it, and the tile takes a second exp per logit instead."""
+    sum_i exp(L_ij - c) = exp(R - c) sum_i P_ij exp(m_i - R) with R = max_i m_i, unless some
+    column's max sits more than _FAR below R (see _FAR)."""
     cols = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
     logits = _fwd_logits(x, x_ptr, rows, y_ptr, cols, dd, M, N, D, s, MASK_N, RESIDENT, EVEN_D, ACC, PREC, UPCAST,
                          BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
@@ -279,12 +285,12 @@ def _col_reduce_kernel(pm_ptr, ps_ptr, pa_ptr, lse_ptr, max_ptr, arg_ptr, N, P, 
 
 
 @triton.jit
-def _grad_tile(acc, y, logits, lse_x, g_x, lse_y_ptr, g_y_ptr, cols, N,
+def _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, N,
                ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, MASK_N: tl.constexpr,
                ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    g = tl.zeros_like(logits)
-    if ROW_TERM:
-        g += g_x[:, None] * tl.exp(logits - lse_x[:, None])
+    """acc + G @ y for one tile. With both terms, one exp per logit: exp(L - lse_y) =
+    P u_i exp(big - lse_y) (P = exp(L - lse_x), u_i = exp(lse_x[i] - big)), unless a column's
+    lse sits more than _FAR below `big`, where P may have underflowed: then a second exp."""
     if COL_TERM:
         if MASK_N:
             lse_y = tl.load(lse_y_ptr + cols, mask=cols < N, other=0.0)
@@ -292,7 +298,20 @@ def _grad_tile(acc, y, logits, lse_x, g_x, lse_y_ptr, g_y_ptr, cols, N,
         else:
             lse_y = tl.load(lse_y_ptr + cols)
             g_y = tl.load(g_y_ptr + cols)
-        g += g_y[None, :] * tl.exp(logits - lse_y[None, :])
+    if ROW_TERM:
+        p = tl.exp(logits - lse_x[:, None])
+        if COL_TERM:
+            gap = big - lse_y
+            if MASK_N:
+                gap = tl.where(cols < N, gap, 0.0)
+            if tl.max(gap, axis=0) > _FAR:
+                g = g_x[:, None] * p + g_y[None, :] * tl.exp(logits - lse_y[None, :])
+            else:
+                g = p * (g_x[:, None] + u[:, None] * (g_y * tl.exp(gap))[None, :])
+        else:
+            g = g_x[:, None] * p
+    else:
+        g = g_y[None, :] * tl.exp(logits - lse_y[None, :])
     if MASK_N:
         g = tl.where((cols < N)[None, :], g, 0.0)
     return acc + _mma(g.to(y.dtype), y, ACC, PREC, UPCAST)
@@ -317,16 +336,18 @@ def _grad_kernel(
     if ROW_TERM:
         lse_x = tl.load(lse_x_ptr + rows, mask=rmask, other=0.0)
         g_x = tl.load(g_x_ptr + rows, mask=rmask, other=0.0)
+    big = tl.max(tl.where(rmask, lse_x, float("-inf")), axis=0)
+    u = tl.where(rmask, tl.exp(lse_x - big), 0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     n_full = (N // BLOCK_N) * BLOCK_N
     for j0 in range(0, n_full, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
         y, logits = _tile_logits(x, y_ptr, cols, dd, N, D, s, False, EVEN_D, ACC, PREC, UPCAST)
-        acc = _grad_tile(acc, y, logits, lse_x, g_x, lse_y_ptr, g_y_ptr, cols, N, ROW_TERM, COL_TERM, False, ACC, PREC, UPCAST)
+        acc = _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, N, ROW_TERM, COL_TERM, False, ACC, PREC, UPCAST)
     if n_full < N:
         cols = n_full + tl.arange(0, BLOCK_N).to(tl.int64)
         y, logits = _tile_logits(x, y_ptr, cols, dd, N, D, s, True, EVEN_D, ACC, PREC, UPCAST)
-        acc = _grad_tile(acc, y, logits, lse_x, g_x, lse_y_ptr, g_y_ptr, cols, N, ROW_TERM, COL_TERM, True, ACC, PREC, UPCAST)
+        acc = _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, N, ROW_TERM, COL_TERM, True, ACC, PREC, UPCAST)
     ptrs = out_ptr + rows[:, None] * D + dd[None, :]
     if EVEN_D:
         tl.store(ptrs, acc, mask=rmask[:, None])
@@ -376,7 +397,7 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
         # IEEE products: register-hungry, so small tiles. The forward and the backward form each
         # logit the same way (same column tile, features resident), so the backward's recomputed
         # logits equal the forward's bit for bit and softmax rows cancel exactly against labels.
-        return [(16, 16, bd, 8, 2)] if kind == "grad" else [(16, 16, bd, 4, 2)]
+        return [(16, 16, bd, 4, 2)] if kind == "lse" else [(16, 16, bd, 8, 2)]
     if kind == "sym":  # the column statistics take registers: narrower column tiles, features streamed
         table = {64: [(128, 32, 64, 8, 3), (64, 32, 64, 4, 3)],
                  128: [(128, 32, 128, 8, 3), (128, 32, 64, 8, 3), (64, 64, 64, 8, 3)],
@@ -390,10 +411,10 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
                  512: [(64, 64, 128, 4, 3), (128, 32, 512, 8, 2), (64, 32, 512, 4, 3)],  # spills <= 64 B
                  }.get(max(64, bd), [(64, 64, 128, 4, 3)])
     else:
-        table = {64: [(128, 64, 64, 8, 2), (64, 64, 64, 4, 3), (128, 32, 64, 8, 2)],
+        table = {64: [(128, 32, 64, 8, 2), (64, 32, 64, 4, 3)],
                  128: [(64, 64, 128, 4, 3), (64, 64, 128, 8, 2), (64, 32, 128, 4, 3)],
                  256: [(64, 32, 256, 4, 2), (128, 32, 256, 8, 2)],
-                 512: [(64, 16, 512, 8, 2), (64, 32, 512, 8, 2)],  # 64 x 512 fp32 accumulator: spills <= 188 B
+                 512: [(64, 16, 512, 8, 2), (64, 32, 512, 8, 2)],  # 64 x 512 fp32 accumulator: spills <= 24 B
                  }.get(max(64, bd), [(32, 16, bd, 8, 1)])
     return [(bm, bn, min(bk, bd), warps, stages) for bm, bn, bk, warps, stages in table]  # BLOCK_K <= padded D
 
@@ -558,7 +579,7 @@ def aot_specs() -> list[tuple]:
         for bd in (64, 128, 256, 512) if op != torch.float64 else (64, 256):
             base = {"ACC": _tl_acc(acc), "PREC": _precision(op), "UPCAST": False, "EVEN_D": True, "BLOCK_D": bd}
             wide = op in (torch.float32, torch.float64)
-            checks = {"max_spill_bytes": 8192 if wide and bd >= 128 else 256 if bd >= 512 else 0}
+            checks = {"max_spill_bytes": 8192 if wide and bd >= 128 else 256 if wide or bd >= 512 else 0}
             fwd_sig = {"x_ptr": f"*{name}", "y_ptr": f"*{name}", "scale_ptr": f"*{aname}", "lse_ptr": f"*{aname}",
                        "max_ptr": f"*{aname}", "arg_ptr": "*i64"}
             sym_sig = {**fwd_sig, "pm_ptr": f"*{aname}", "ps_ptr": f"*{aname}", "pa_ptr": "*i32", **dims,

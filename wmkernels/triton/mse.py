@@ -127,9 +127,9 @@ def mse_forward(input, target, weight, reduction: str, out_dtype: torch.dtype) -
 def mse_backward(grad_out, input, target, weight, reduction: str, need_input: bool, need_target: bool):
     acc = _acc_dtype(input, target)
     n = input.numel()
-    scale = 2.0 * grad_out.to(acc)
-    if reduction == "mean":
-        scale = scale / mse_denominator(input, weight, acc)
+    denom = mse_denominator(input, weight, acc) if reduction == "mean" else 1.0
+    # one tiny op on the host path when the count is a number (each costs a launch on a GPU)
+    scale = grad_out.to(acc) * (2.0 / denom) if isinstance(denom, float) else 2.0 * grad_out.to(acc) / denom
     w = weight if weight is not None else input
     (input, target, w), (gx, gy), (sizes, strides) = _layout(
         input.shape,
