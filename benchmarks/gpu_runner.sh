@@ -11,7 +11,8 @@
 # Environment knobs: PYTHON (python3), MAX_JOBS (16, parallel compiles), BUILD_TIMEOUT (200 s; 0: no
 #   build), WMKERNELS_CUDA_ARCHS (80,90: the sm_ targets built), TEST_TIMEOUT (120 s), TESTS (test
 #   files; default the GPU-relevant ones), TEST_WORKERS (8, with pytest-xdist), PYTEST_ARGS (e.g.
-#   -k triton), BENCH_TIMEOUT (240 s), RESULTS (default benchmarks/results/<gpu>-<date>), WHEELS
+#   -k triton), BENCH_TIMEOUT (240 s), PROBE (batch sizes for benchmarks/probe_contrastive_gpu.py,
+#   65536; 0: skip), PROBE_TIMEOUT (90 s), RESULTS (default benchmarks/results/<gpu>-<date>), WHEELS
 #   (.whl), OUT (if set, a tarball of the results and the logs is copied there).
 # Peers are picked up when importable: carry Inf-CL as a wheel (pip download --no-deps inf_cl).
 set -uo pipefail
@@ -70,6 +71,14 @@ timeout "${BENCH_TIMEOUT:-240}" "$PY" -m wmkernels.bench --device cuda --out "$R
 grep -E "^\[|failed|Error" "$RES/bench.log" | tail -n 20
 echo "   benchmark took $((SECONDS - t2)) s; total $((SECONDS - t0)) s"
 [ -f "$RES/results.md" ] && sed -n '/^## Summary/,/^## /p' "$RES/results.md"
+
+echo "== contrastive kernel probe (log: $RES/probe.log)"
+if [ "${PROBE:-65536}" != 0 ]; then
+  # shellcheck disable=SC2086
+  timeout "${PROBE_TIMEOUT:-90}" "$PY" benchmarks/probe_contrastive_gpu.py ${PROBE:-65536} >"$RES/probe.log" 2>&1 \
+    || { echo "probe failed or timed out" >&2; status=1; }
+  tail -n 4 "$RES/probe.log"
+fi
 
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/results.tgz" "$RES" && cp "$RES"/results.md "$RES"/*.log "$OUT"/ 2>/dev/null

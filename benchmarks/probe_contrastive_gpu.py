@@ -37,6 +37,8 @@ def main(sizes):
             acc, a, bb, ka, kb = tc._prepare(z1, z2, True)
             split = timed(lambda: (tc._lse(ka, kb, scale, acc), tc._lse(kb, ka, scale, acc)))
             fwd = timed(lambda: tc._sym_lse(ka, kb, scale, acc))  # fused or split, whichever was timed faster
+            per_cand = {str(c): round(timed(lambda: tc._sym_lse(ka, kb, scale, acc, cand=c)) * 1e3, 3)
+                        for c in tc.candidates("sym", tc.block_d(d), ka.dtype) + [tc._SPLIT]}
             lse, _, _ = tc._lse(ka, kb, scale, acc)
             gr = torch.full((b,), 1.0 / b, device="cuda")
             bwd = timed(lambda: (tc._grad(ka, kb, scale, lse, gr, lse, gr, True, True, acc),
@@ -46,7 +48,7 @@ def main(sizes):
             rows.append({"B": b, "D": d, "fwd_ms": fwd * 1e3, "fwd_split_ms": split * 1e3, "bwd_ms": bwd * 1e3,
                          "fwd_bwd_ms": total * 1e3, "fwd_split_tflops_executed": 2 * f / split / 1e12,
                          "fwd_tflops_nominal": f / fwd / 1e12, "bwd_tflops_executed": 4 * f / bwd / 1e12,
-                         "nominal_tflops": 3 * f / total / 1e12})
+                         "nominal_tflops": 3 * f / total / 1e12, "fwd_ms_per_candidate": per_cand})
             print(json.dumps(rows[-1]), flush=True)
     print("configs picked:", {str(k[:2] + (str(k[2]),) + k[4:]): v for k, v in tc._picked.items()})
     return rows

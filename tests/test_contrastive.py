@@ -430,3 +430,51 @@ def test_far_columns_at_clip_scale(backend, dtype):
     # bf16 on Triton rounds the normalized rows to bf16 (as eager bf16 does); at scale 100 that
     # moves logits by up to ~0.4 against the fp64 reference
     check(ours, ref, dtype, grad_scale=4.0 if dtype == torch.bfloat16 else 1.0)
+
+
+@pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton backend not runnable here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_fused_symmetric_forward_matches_two_sweeps(dtype):
+    """The fused symmetric sweep (persistent programs, column partials, one exp per logit) against
+    the two one-direction sweeps the GPU times it against: lse and max to rounding (the column
+    sweep forms b @ a.T tiles), argmax exactly. M != N, partial row and column tiles, several row
+    blocks per program (under the interpreter)."""
+    from wmkernels.triton import contrastive as tc
+
+    g = torch.Generator().manual_seed(3)
+    dev = device_for("triton")
+    z1, z2 = torch.randn(150, 40, generator=g).to(dev, dtype), torch.randn(97, 40, generator=g).to(dev, dtype)
+    acc, _, _, ka, kb = tc._prepare(z1, z2, True)
+    scale = torch.tensor(14.0, device=dev)
+    fused = tc._sym_lse(ka, kb, scale, acc, cand=tc.candidates("sym", tc.block_d(40), ka.dtype)[-1])
+    split = tc._sym_lse(ka, kb, scale, acc, cand=tc._SPLIT)
+    for i in (0, 1, 3, 4):  # logsumexp and max, per row and per column
+        torch.testing.assert_close(fused[i], split[i], rtol=1e-5, atol=1e-5)
+    for i in (2, 5):  # argmax
+        assert torch.equal(fused[i], split[i])
+
+
+@pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton backend not runnable here")
+@pytest.mark.parametrize("far", [False, True], ids=["near", "far-columns"])
+def test_triton_one_exp_backward_matches_two_exps(far):
+    """The backward's one-exp tiles (a GPU tuning candidate) against the default two-exp tiles, on
+    ordinary logits and on logit_scale 100 with a column ~200 below the rest (the guarded case)."""
+    from wmkernels.triton import contrastive as tc
+
+    g = torch.Generator().manual_seed(5)
+    dev = device_for("triton")
+    z1, z2 = torch.randn(150, 40, generator=g), torch.randn(150, 40, generator=g)
+    if far:
+        z1[:, 0] += 20.0
+        z2[:, 0] += 20.0
+        z2[7] = -z2[7]
+    z1, z2 = z1.to(dev, torch.bfloat16), z2.to(dev, torch.bfloat16)
+    acc, _, _, ka, kb = tc._prepare(z1, z2, True)
+    scale = torch.tensor(100.0 if far else 14.0, device=dev)
+    lse_r, _, _, lse_c, _, _ = tc._sym_lse(ka, kb, scale, acc)
+    gr, gc = torch.rand(150, generator=g).to(dev), torch.rand(150, generator=g).to(dev)
+    one_exp = [c for c in tc.candidates("grad", tc.block_d(40), ka.dtype) if c[5]][0]
+    for x, y, lx, gx, ly, gy in ((ka, kb, lse_r, gr, lse_c, gc), (kb, ka, lse_c, gc, lse_r, gr)):
+        want = tc._grad(x, y, scale, lx, gx, ly, gy, True, True, acc)
+        got = tc._grad(x, y, scale, lx, gx, ly, gy, True, True, acc, cand=one_exp)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

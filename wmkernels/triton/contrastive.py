@@ -286,11 +286,13 @@ def _col_reduce_kernel(pm_ptr, ps_ptr, pa_ptr, lse_ptr, max_ptr, arg_ptr, N, P, 
 
 @triton.jit
 def _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, N,
-               ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, MASK_N: tl.constexpr,
+               ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, ONE_EXP: tl.constexpr, MASK_N: tl.constexpr,
                ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + G @ y for one tile. With both terms, one exp per logit: exp(L - lse_y) =
+    """acc + G @ y for one tile. With both terms and ONE_EXP, one exp per logit: exp(L - lse_y) =
     P u_i exp(big - lse_y) (P = exp(L - lse_x), u_i = exp(lse_x[i] - big)), unless a column's
-    lse sits more than _FAR below `big`, where P may have underflowed: then a second exp."""
+    lse sits more than _FAR below `big`, where P may have underflowed: then a second exp. (The
+    rescaling takes registers: on triton 3.6 it spills at the two-exp tile shapes, so both are
+    tuning candidates.)"""
     if COL_TERM:
         if MASK_N:
             lse_y = tl.load(lse_y_ptr + cols, mask=cols < N, other=0.0)
@@ -300,7 +302,9 @@ def _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, N,
             g_y = tl.load(g_y_ptr + cols)
     if ROW_TERM:
         p = tl.exp(logits - lse_x[:, None])
-        if COL_TERM:
+        if COL_TERM and not ONE_EXP:
+            g = g_x[:, None] * p + g_y[None, :] * tl.exp(logits - lse_y[None, :])
+        elif COL_TERM:
             gap = big - lse_y
             if MASK_N:
                 gap = tl.where(cols < N, gap, 0.0)
@@ -322,6 +326,7 @@ def _grad_kernel(
     x_ptr, y_ptr, scale_ptr, lse_x_ptr, g_x_ptr, lse_y_ptr, g_y_ptr, out_ptr, M, N, D,
     ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ONE_EXP: tl.constexpr,
 ):
     """out_i = sum_j G_ij y_j with G_ij = g_x[i] exp(L_ij - lse_x[i]) (ROW_TERM)
     + g_y[j] exp(L_ij - lse_y[j]) (COL_TERM), L = scale * x @ y.T recomputed per tile; fp32 out."""
@@ -343,11 +348,11 @@ def _grad_kernel(
     for j0 in range(0, n_full, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
         y, logits = _tile_logits(x, y_ptr, cols, dd, N, D, s, False, EVEN_D, ACC, PREC, UPCAST)
-        acc = _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, N, ROW_TERM, COL_TERM, False, ACC, PREC, UPCAST)
+        acc = _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, N, ROW_TERM, COL_TERM, ONE_EXP, False, ACC, PREC, UPCAST)
     if n_full < N:
         cols = n_full + tl.arange(0, BLOCK_N).to(tl.int64)
         y, logits = _tile_logits(x, y_ptr, cols, dd, N, D, s, True, EVEN_D, ACC, PREC, UPCAST)
-        acc = _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, N, ROW_TERM, COL_TERM, True, ACC, PREC, UPCAST)
+        acc = _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, N, ROW_TERM, COL_TERM, ONE_EXP, True, ACC, PREC, UPCAST)
     ptrs = out_ptr + rows[:, None] * D + dd[None, :]
     if EVEN_D:
         tl.store(ptrs, acc, mask=rmask[:, None])
@@ -384,7 +389,8 @@ def block_d(d: int) -> int:
 
 
 def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) to try for `kind` ("lse" / "sym" / "grad"),
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, ONE_EXP for "grad"]) to try for `kind`
+    ("lse" / "sym" / "grad"),
     padded width `bd` and operand dtype; the first is the default. Each compiles for sm_90 without
     register spills (tests/tools/aot_compile_triton.py), except at bd = 512 (a few hundred bytes at
     most). BLOCK_K < bd (forward only) streams the rows' features in chunks instead of keeping them
@@ -397,7 +403,7 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
         # IEEE products: register-hungry, so small tiles. The forward and the backward form each
         # logit the same way (same column tile, features resident), so the backward's recomputed
         # logits equal the forward's bit for bit and softmax rows cancel exactly against labels.
-        return [(16, 16, bd, 4, 2)] if kind == "lse" else [(16, 16, bd, 8, 2)]
+        return {"lse": [(16, 16, bd, 4, 2)], "sym": [(16, 16, bd, 8, 2)], "grad": [(16, 16, bd, 8, 2, False)]}[kind]
     if kind == "sym":  # the column statistics take registers: narrower column tiles, features streamed
         table = {64: [(128, 32, 64, 8, 3), (64, 32, 64, 4, 3)],
                  128: [(128, 32, 128, 8, 3), (128, 32, 64, 8, 3), (64, 64, 64, 8, 3)],
@@ -410,13 +416,15 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
                  256: [(128, 64, 256, 8, 2), (128, 128, 256, 8, 2), (64, 64, 256, 4, 3)],
                  512: [(64, 64, 128, 4, 3), (128, 32, 512, 8, 2), (64, 32, 512, 4, 3)],  # spills <= 64 B
                  }.get(max(64, bd), [(64, 64, 128, 4, 3)])
-    else:
-        table = {64: [(128, 32, 64, 8, 2), (64, 32, 64, 4, 3)],
-                 128: [(64, 64, 128, 4, 3), (64, 64, 128, 8, 2), (64, 32, 128, 4, 3)],
-                 256: [(64, 32, 256, 4, 2), (128, 32, 256, 8, 2)],
-                 512: [(64, 16, 512, 8, 2), (64, 32, 512, 8, 2)],  # 64 x 512 fp32 accumulator: spills <= 24 B
-                 }.get(max(64, bd), [(32, 16, bd, 8, 1)])
-    return [(bm, bn, min(bk, bd), warps, stages) for bm, bn, bk, warps, stages in table]  # BLOCK_K <= padded D
+    else:  # the last field: ONE_EXP (see _grad_tile); those entries are spill-free on triton 3.6 and 3.9
+        table = {64: [(128, 64, 64, 8, 2, False), (64, 64, 64, 4, 3, False), (128, 32, 64, 8, 2, True)],
+                 128: [(64, 64, 128, 4, 3, False), (64, 64, 128, 8, 2, False), (64, 32, 128, 4, 3, True)],
+                 256: [(64, 32, 256, 4, 2, False), (128, 32, 256, 8, 2, False), (64, 16, 256, 8, 2, True),
+                       (32, 32, 256, 4, 2, True)],
+                 512: [(64, 16, 512, 8, 2, False), (64, 32, 512, 8, 2, False),  # 64 x 512 fp32 accumulator spills
+                       (32, 32, 512, 8, 2, True)],
+                 }.get(max(64, bd), [(32, 16, bd, 8, 1, False)])
+    return [(bm, bn, min(bk, bd), *rest) for bm, bn, bk, *rest in table]  # BLOCK_K <= padded D
 
 
 def _tuned(key: tuple, cands: list, run, m: int, device: torch.device):
@@ -432,9 +440,11 @@ def _tuned(key: tuple, cands: list, run, m: int, device: torch.device):
 
 
 def _meta(kind: str, cand: tuple) -> dict:
-    bm, bn, bk, warps, stages = cand
+    bm, bn, bk, warps, stages = cand[:5]
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    if kind != "grad":
+    if kind == "grad":
+        meta["ONE_EXP"] = cand[5]
+    else:
         meta["BLOCK_K"] = bk
     return meta
 
@@ -459,11 +469,15 @@ def _pick(key, cands, run):
     return min(times, key=times.get)
 
 
-def _launch(kind: str, kernel, m: int, bd: int, op: torch.dtype, device: torch.device, args: tuple, cx: dict):
-    """One row-blocked launch of `kernel` ("lse" / "grad"), config tuned per size class."""
+def _launch(kind: str, kernel, m: int, bd: int, op: torch.dtype, device: torch.device, args: tuple, cx: dict,
+            cand=None):
+    """One row-blocked launch of `kernel` ("lse" / "grad"), config tuned per size class unless
+    `cand` names one (tests, probes)."""
     def run(cand):
         kernel[(triton.cdiv(m, cand[0]),)](*args, **cx, **_meta(kind, cand))
 
+    if cand is not None:
+        return run(cand)
     key = (kind, bd, op, tuple(sorted(cx.items())), m.bit_length())
     _tuned(key, candidates(kind, bd, op), run, m, device)
 
@@ -489,13 +503,14 @@ def _lse(x, y, scale, acc):
     return lse, mx, arg
 
 
-def _grad(x, y, scale, lse_x, g_x, lse_y, g_y, row_term: bool, col_term: bool, acc):
+def _grad(x, y, scale, lse_x, g_x, lse_y, g_y, row_term: bool, col_term: bool, acc, cand=None):
     m, n, d = x.shape[0], y.shape[0], x.shape[1]
     bd = block_d(d)
     out = torch.empty(x.shape, dtype=acc, device=x.device)
     cx = dict(ROW_TERM=row_term, COL_TERM=col_term, ACC=_tl_acc(acc), PREC=_precision(x.dtype),
               UPCAST=_upcast(x.dtype), EVEN_D=d == bd, BLOCK_D=bd)
-    _launch("grad", _grad_kernel, m, bd, x.dtype, x.device, (x, y, scale, lse_x, g_x, lse_y, g_y, out, m, n, d), cx)
+    _launch("grad", _grad_kernel, m, bd, x.dtype, x.device, (x, y, scale, lse_x, g_x, lse_y, g_y, out, m, n, d), cx,
+            cand)
     return out
 
 
@@ -513,9 +528,10 @@ def _prepare(z1, z2, normalize):
 _SPLIT = ("split",)  # the symmetric forward as two one-direction sweeps, a tuning candidate
 
 
-def _sym_lse(x, y, scale, acc):
+def _sym_lse(x, y, scale, acc, cand=None):
     """(lse, max, arg) per row of x and per row of y (the columns) of scale * x @ y.T: one fused
-    sweep (P x N partials, P = _programs) or, where timed faster, one sweep per direction."""
+    sweep (P x N partials, P = _programs) or, where timed faster, one sweep per direction.
+    `cand` (a "sym" candidate or _SPLIT) overrides the choice, for tests and probes."""
     m, n, d = x.shape[0], y.shape[0], x.shape[1]
     bd, dev = block_d(d), x.device
     cx = dict(ACC=_tl_acc(acc), PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype), EVEN_D=d == bd, BLOCK_D=bd)
@@ -536,6 +552,8 @@ def _sym_lse(x, y, scale, acc):
                                                              BLOCK=_REDUCE_BLOCK)
         return lse_r, max_r, arg_r, lse_c, max_c, arg_c
 
+    if cand is not None:
+        return run(cand)
     key = ("sym", bd, x.dtype, tuple(sorted(cx.items())), m.bit_length())
     return _tuned(key, candidates("sym", bd, x.dtype) + [_SPLIT], run, m, dev)
 
@@ -592,12 +610,13 @@ def aot_specs() -> list[tuple]:
                     specs.append((kernel, {**sig, **{k: "constexpr" for k in cx}}, cx,
                                   {"num_warps": warps, "num_stages": stages},
                                   {**checks, "archs": (80, 90) if i == 0 else (90,)}))
-            for i, (bm, bn, _, warps, stages) in enumerate(candidates("grad", bd, op)):
+            for i, (bm, bn, _, warps, stages, one_exp) in enumerate(candidates("grad", bd, op)):
                 if i and op != torch.bfloat16:
                     break
                 terms = ((True, False), (True, True), (False, True)) if bd == 64 and i == 0 else ((True, True),)
                 for row_term, col_term in terms:
-                    cx = {"ROW_TERM": row_term, "COL_TERM": col_term, **base, "BLOCK_M": bm, "BLOCK_N": bn}
+                    cx = {"ROW_TERM": row_term, "COL_TERM": col_term, **base, "BLOCK_M": bm, "BLOCK_N": bn,
+                          "ONE_EXP": one_exp}
                     sig = {"x_ptr": f"*{name}", "y_ptr": f"*{name}",
                            **{p: f"*{aname}" for p in ("scale_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr",
                                                        "out_ptr")}}

@@ -262,7 +262,7 @@ def _geom(shape, strides, tubelet, layout):
 def _affine(mean, std, channels, acc, device):
     """(mean, std, has_affine): a missing one of the two is the identity."""
     if mean is None and std is None:
-        dummy = torch.zeros(1, dtype=acc, device=device)
+        dummy = torch.empty(1, dtype=acc, device=device)  # never read; empty: no fill launch
         return dummy, dummy, 0
     mean = mean if mean is not None else torch.zeros(channels, dtype=acc, device=device)
     std = std if std is not None else torch.ones(channels, dtype=acc, device=device)
@@ -305,13 +305,19 @@ def gather_patches_backward(grad, ids, video_shape, video_dtype, tubelet, layout
 
 def _loss_rows(pred, video, index, tubelet, layout, norm_pix, norm_mode, eps, mean, std, grad_out,
                write_gp: bool, write_gv: bool):
-    """(loss sum / denom as a device scalar in acc, d pred or None, d video or None)."""
+    """(loss sum / denom as a device scalar in acc, d pred or None, d video or None); grad_out None
+    stands for 1. Every small op here is a GPU launch, so a count known on the host stays a number."""
     acc = _acc(pred.dtype, video.dtype)
     c, gh, gw, vs = _geom(video.shape, video.stride(), tubelet, layout)
     b, r, p = pred.shape
     is_mask = index.dtype == torch.bool
-    denom = index.sum(dtype=acc) if is_mask else torch.full((), float(index.numel()), dtype=acc, device=pred.device)
-    scale = (2.0 / p) * grad_out.to(acc) / denom
+    denom = index.sum(dtype=acc) if is_mask else float(index.numel())
+    if is_mask:
+        scale = (2.0 / p) / denom if grad_out is None else grad_out.to(acc) * (2.0 / p) / denom
+    elif grad_out is None:
+        scale = torch.full((), 2.0 / (p * denom), dtype=acc, device=pred.device)
+    else:
+        scale = grad_out.to(acc) * (2.0 / (p * denom))
     mean, std, aff = _affine(mean, std, c, acc, video.device)
     row_loss = torch.empty(b * r, dtype=acc, device=pred.device)
     pred = pred.contiguous()
@@ -320,8 +326,8 @@ def _loss_rows(pred, video, index, tubelet, layout, norm_pix, norm_mode, eps, me
     gv = torch.zeros(video.shape, dtype=acc, device=video.device) if write_gv else row_loss
     gs = _geom(gv.shape, gv.stride(), tubelet, layout)[3] if write_gv else (0,) * 5
     idx = index.contiguous()
-    ids = idx if not is_mask else torch.zeros(1, dtype=torch.int64, device=pred.device)
-    mask = idx if is_mask else torch.zeros(1, dtype=torch.bool, device=pred.device)
+    ids = idx if not is_mask else torch.empty(1, dtype=torch.int64, device=pred.device)  # never read
+    mask = idx if is_mask else torch.empty(1, dtype=torch.bool, device=pred.device)
     if b * r:
         _loss_rows_kernel[(b * r,)](
             pred, video, ids, mask, mean, std, scale, row_loss, gp, gv,
@@ -336,15 +342,13 @@ def _loss_rows(pred, video, index, tubelet, layout, norm_pix, norm_mode, eps, me
 
 def masked_mse_forward_with_grad(pred, video, index, tubelet, layout, norm_pix, norm_mode, eps, mean, std,
                                  out_dtype):
-    one = torch.ones((), dtype=torch.float32, device=pred.device)
-    loss, gp, _ = _loss_rows(pred, video, index, tubelet, layout, norm_pix, norm_mode, eps, mean, std, one,
+    loss, gp, _ = _loss_rows(pred, video, index, tubelet, layout, norm_pix, norm_mode, eps, mean, std, None,
                              True, False)
     return loss.to(out_dtype), gp
 
 
 def masked_mse_forward(pred, video, index, tubelet, layout, norm_pix, norm_mode, eps, mean, std, out_dtype):
-    one = torch.ones((), dtype=torch.float32, device=pred.device)
-    loss, _, _ = _loss_rows(pred, video, index, tubelet, layout, norm_pix, norm_mode, eps, mean, std, one,
+    loss, _, _ = _loss_rows(pred, video, index, tubelet, layout, norm_pix, norm_mode, eps, mean, std, None,
                             False, False)
     return loss.to(out_dtype)
 
