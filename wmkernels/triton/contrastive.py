@@ -390,10 +390,11 @@ def block_d(d: int) -> int:
 
 def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, ONE_EXP for "grad"]) to try for `kind`
-    ("lse" / "sym" / "grad"),
-    padded width `bd` and operand dtype; the first is the default. Each compiles for sm_90 without
-    register spills (tests/tools/aot_compile_triton.py), except at bd = 512 (a few hundred bytes at
-    most). BLOCK_K < bd (forward only) streams the rows' features in chunks instead of keeping them
+    ("lse" / "sym" / "grad"), padded width `bd` and operand dtype; the first is the default. Each
+    compiles for sm_90 on triton 3.9 without register spills (tests/tools/aot_compile_triton.py),
+    except at bd = 512 (a few hundred bytes at most). On triton 3.6 (the H100 lease's) the two-exp
+    backward tiles spill at bd >= 256 (680 to 3480 bytes) and the one-exp ones do not, so those lead
+    there. BLOCK_K < bd (forward only) streams the rows' features in chunks instead of keeping them
     resident.
 
     fp32 and fp64 run IEEE products (not on the tensor cores) on 16 x 16 tiles; they spill registers
@@ -416,13 +417,13 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
                  256: [(128, 64, 256, 8, 2), (128, 128, 256, 8, 2), (64, 64, 256, 4, 3)],
                  512: [(64, 64, 128, 4, 3), (128, 32, 512, 8, 2), (64, 32, 512, 4, 3)],  # spills <= 64 B
                  }.get(max(64, bd), [(64, 64, 128, 4, 3)])
-    else:  # the last field: ONE_EXP (see _grad_tile); those entries are spill-free on triton 3.6 and 3.9
+    else:  # the last field: ONE_EXP (see _grad_tile); the ONE_EXP entries are spill-free on triton 3.6 and 3.9
         table = {64: [(128, 64, 64, 8, 2, False), (64, 64, 64, 4, 3, False), (128, 32, 64, 8, 2, True)],
                  128: [(64, 64, 128, 4, 3, False), (64, 64, 128, 8, 2, False), (64, 32, 128, 4, 3, True)],
-                 256: [(64, 32, 256, 4, 2, False), (128, 32, 256, 8, 2, False), (64, 16, 256, 8, 2, True),
-                       (32, 32, 256, 4, 2, True)],
-                 512: [(64, 16, 512, 8, 2, False), (64, 32, 512, 8, 2, False),  # 64 x 512 fp32 accumulator spills
-                       (32, 32, 512, 8, 2, True)],
+                 256: [(64, 16, 256, 8, 2, True), (32, 32, 256, 4, 2, True), (64, 32, 256, 4, 2, False),
+                       (128, 32, 256, 8, 2, False)],
+                 512: [(32, 32, 512, 8, 2, True), (64, 16, 512, 8, 2, False),  # 64 x 512 fp32 accumulator spills
+                       (64, 32, 512, 8, 2, False)],
                  }.get(max(64, bd), [(32, 16, bd, 8, 1, False)])
     return [(bm, bn, min(bk, bd), *rest) for bm, bn, bk, *rest in table]  # BLOCK_K <= padded D
 
