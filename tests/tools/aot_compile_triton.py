@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import importlib
+from concurrent.futures import ProcessPoolExecutor
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -43,26 +44,34 @@ def spills(ptx: str, arch: int) -> int:
     return sum(int(n) for n in found)
 
 
+def compile_spec(name: str, index: int) -> None:
+    """Compiles spec `index` of module `name` for its targets; raises on a missing cubin or on
+    register spills beyond the spec's allowance."""
+    spec = importlib.import_module(name).aot_specs()[index]
+    fn, sig, cx = spec[:3]
+    options = spec[3] if len(spec) > 3 else {}  # num_warps / num_stages the host code launches with
+    checks = spec[4] if len(spec) > 4 else {}  # targets, tolerated spill bytes
+    archs = checks.get("archs", ARCHS)
+    for arch in archs:
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+        if "cubin" not in compiled.asm:
+            raise RuntimeError(f"{name}.{fn.__name__} {cx}: no cubin for sm_{arch}")
+    n = spills(compiled.asm["ptx"], archs[-1])
+    if n > checks.get("max_spill_bytes", 0):
+        raise RuntimeError(f"{name}.{fn.__name__} {cx} {options}: {n} bytes of register spills on sm_{archs[-1]}")
+
+
 def main(modules: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET first", file=sys.stderr)
         return 2
-    for name in modules:
-        specs = importlib.import_module(name).aot_specs()
-        for spec in specs:
-            fn, sig, cx = spec[:3]
-            options = spec[3] if len(spec) > 3 else {}  # num_warps / num_stages the host code launches with
-            checks = spec[4] if len(spec) > 4 else {}  # targets, tolerated spill bytes
-            archs = checks.get("archs", ARCHS)
-            for arch in archs:
-                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx),
-                                          target=GPUTarget("cuda", arch, 32), options=options)
-                if "cubin" not in compiled.asm:
-                    raise RuntimeError(f"{name}.{fn.__name__} {cx}: no cubin for sm_{arch}")
-            n = spills(compiled.asm["ptx"], archs[-1])
-            if n > checks.get("max_spill_bytes", 0):
-                raise RuntimeError(f"{name}.{fn.__name__} {cx} {options}: {n} bytes of register spills on sm_{ARCHS[-1]}")
-        print(f"{name}: {len(specs)} kernel configs compiled for sm_80 / sm_90, no spills beyond those allowed")
+    # one process per core: the compiles are independent and each is single-threaded
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for name in modules:
+            count = len(importlib.import_module(name).aot_specs())
+            list(pool.map(compile_spec, [name] * count, range(count)))
+            print(f"{name}: {count} kernel configs compiled for sm_80 / sm_90, no spills beyond those allowed")
     return 0
 
 
