@@ -34,7 +34,7 @@ import triton.language as tl
 
 from ..reference import contrastive as ref
 
-_TUNE_MIN_ROWS = 8192  # below this the first candidate config is used, untimed
+_TUNE_MIN_ROWS = 8192  # below this many rows (squared: logits) the first candidate config is used, untimed
 _REDUCE_BLOCK = 256  # columns per program of the partials' reduction
 # One exp per logit serves both directions (row softmax numerators rescaled per column) unless a
 # column's max (forward) or logsumexp (backward) sits more than this below the block's largest row
@@ -145,12 +145,28 @@ def _lse_step(x, x_ptr, rows, y_ptr, j0, dd, M, N, D, s, m, l, arg, MASK_N: tl.c
 
 
 @triton.jit
+def _col_range(N, split_cols, SPLIT: tl.constexpr):
+    """[c0, c1): the columns of this program's split (program_id 1), or all N."""
+    if SPLIT:
+        c0 = tl.program_id(1).to(tl.int64) * split_cols
+        c1 = tl.minimum(c0 + split_cols, N)
+    else:
+        c0 = tl.zeros([], tl.int64)
+        c1 = N + tl.zeros([], tl.int64)
+    return c0, c1
+
+
+@triton.jit
 def _lse_kernel(
-    x_ptr, y_ptr, scale_ptr, lse_ptr, max_ptr, arg_ptr, M, N, D,
+    x_ptr, y_ptr, scale_ptr, lse_ptr, max_ptr, arg_ptr, M, N, D, split_cols,
     ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """Per row i of x: logsumexp_j, max_j and first argmax_j of scale * x_i . y_j."""
+    """Per row i of x: logsumexp_j, max_j and first argmax_j of scale * x_i . y_j. With SPLIT,
+    program (i, c) covers columns [c split_cols, (c + 1) split_cols) and writes its partial max,
+    sum of exp(L - max) and first argmax (int32) at c M + row of lse_ptr, max_ptr, arg_ptr, the
+    layout _col_reduce_kernel merges (few rows, many columns: the rows alone would leave SMs idle)."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     dd = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -160,17 +176,24 @@ def _lse_kernel(
     m = tl.full([BLOCK_M], float("-inf"), ACC)
     l = tl.zeros([BLOCK_M], ACC)
     arg = tl.zeros([BLOCK_M], tl.int64)
-    n_full = (N // BLOCK_N) * BLOCK_N
-    for j0 in range(0, n_full, BLOCK_N):
-        m, l, arg = _lse_step(x, x_ptr, rows, y_ptr, j0, dd, M, N, D, s, m, l, arg, False, RESIDENT, EVEN_D, ACC,
+    c0, c1 = _col_range(N, split_cols, SPLIT)
+    n_full = c0 + ((c1 - c0) // BLOCK_N) * BLOCK_N
+    for j0 in range(c0, n_full, BLOCK_N):  # c1 bounds the masks: columns past it belong to another split
+        m, l, arg = _lse_step(x, x_ptr, rows, y_ptr, j0, dd, M, c1, D, s, m, l, arg, False, RESIDENT, EVEN_D, ACC,
                               PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
-    if n_full < N:
-        m, l, arg = _lse_step(x, x_ptr, rows, y_ptr, n_full, dd, M, N, D, s, m, l, arg, True, RESIDENT, EVEN_D, ACC,
+    if n_full < c1:
+        m, l, arg = _lse_step(x, x_ptr, rows, y_ptr, n_full, dd, M, c1, D, s, m, l, arg, True, RESIDENT, EVEN_D, ACC,
                               PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
     rmask = rows < M
-    tl.store(lse_ptr + rows, m + tl.log(l), mask=rmask)
-    tl.store(max_ptr + rows, m, mask=rmask)
-    tl.store(arg_ptr + rows, arg, mask=rmask)
+    if SPLIT:
+        part = tl.program_id(1).to(tl.int64) * M + rows
+        tl.store(lse_ptr + part, m, mask=rmask)
+        tl.store(max_ptr + part, l, mask=rmask)
+        tl.store(arg_ptr + part, arg.to(tl.int32), mask=rmask)
+    else:
+        tl.store(lse_ptr + rows, m + tl.log(l), mask=rmask)
+        tl.store(max_ptr + rows, m, mask=rmask)
+        tl.store(arg_ptr + rows, arg, mask=rmask)
 
 
 @triton.jit
@@ -323,13 +346,14 @@ def _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, N,
 
 @triton.jit
 def _grad_kernel(
-    x_ptr, y_ptr, scale_ptr, lse_x_ptr, g_x_ptr, lse_y_ptr, g_y_ptr, out_ptr, M, N, D,
+    x_ptr, y_ptr, scale_ptr, lse_x_ptr, g_x_ptr, lse_y_ptr, g_y_ptr, out_ptr, M, N, D, split_cols,
     ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ONE_EXP: tl.constexpr,
+    ONE_EXP: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """out_i = sum_j G_ij y_j with G_ij = g_x[i] exp(L_ij - lse_x[i]) (ROW_TERM)
-    + g_y[j] exp(L_ij - lse_y[j]) (COL_TERM), L = scale * x @ y.T recomputed per tile; fp32 out."""
+    + g_y[j] exp(L_ij - lse_y[j]) (COL_TERM), L = scale * x @ y.T recomputed per tile; fp32 out.
+    With SPLIT, program (i, c) sums over the columns of split c only, into out[c] (c, M, D)."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     dd = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -344,15 +368,20 @@ def _grad_kernel(
     big = tl.max(tl.where(rmask, lse_x, float("-inf")), axis=0)
     u = tl.where(rmask, tl.exp(lse_x - big), 0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    n_full = (N // BLOCK_N) * BLOCK_N
-    for j0 in range(0, n_full, BLOCK_N):
+    c0, c1 = _col_range(N, split_cols, SPLIT)
+    n_full = c0 + ((c1 - c0) // BLOCK_N) * BLOCK_N
+    for j0 in range(c0, n_full, BLOCK_N):  # c1 bounds the masks
         cols = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        y, logits = _tile_logits(x, y_ptr, cols, dd, N, D, s, False, EVEN_D, ACC, PREC, UPCAST)
-        acc = _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, N, ROW_TERM, COL_TERM, ONE_EXP, False, ACC, PREC, UPCAST)
-    if n_full < N:
+        y, logits = _tile_logits(x, y_ptr, cols, dd, c1, D, s, False, EVEN_D, ACC, PREC, UPCAST)
+        acc = _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, c1, ROW_TERM, COL_TERM,
+                         ONE_EXP, False, ACC, PREC, UPCAST)
+    if n_full < c1:
         cols = n_full + tl.arange(0, BLOCK_N).to(tl.int64)
-        y, logits = _tile_logits(x, y_ptr, cols, dd, N, D, s, True, EVEN_D, ACC, PREC, UPCAST)
-        acc = _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, N, ROW_TERM, COL_TERM, ONE_EXP, True, ACC, PREC, UPCAST)
+        y, logits = _tile_logits(x, y_ptr, cols, dd, c1, D, s, True, EVEN_D, ACC, PREC, UPCAST)
+        acc = _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, c1, ROW_TERM, COL_TERM,
+                         ONE_EXP, True, ACC, PREC, UPCAST)
+    if SPLIT:
+        out_ptr += tl.program_id(1).to(tl.int64) * M * D
     ptrs = out_ptr + rows[:, None] * D + dd[None, :]
     if EVEN_D:
         tl.store(ptrs, acc, mask=rmask[:, None])
@@ -392,7 +421,8 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, ONE_EXP for "grad"]) to try for `kind`
     ("lse" / "sym" / "grad"), padded width `bd` and operand dtype; the first is the default. Each
     compiles for sm_90 on triton 3.9 without register spills (tests/tools/aot_compile_triton.py),
-    except at bd = 512 (a few hundred bytes at most). On triton 3.6 (the H100 lease's) the two-exp
+    except at bd = 512 (a few hundred bytes at most) and in the column-split variants (16 bytes at
+    some widths). On triton 3.6 (the H100 lease's) the two-exp
     backward tiles spill at bd >= 256 (680 to 3480 bytes) and the one-exp ones do not, so those lead
     there. BLOCK_K < bd (forward only) streams the rows' features in chunks instead of keeping them
     resident.
@@ -428,10 +458,11 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
     return [(bm, bn, min(bk, bd), *rest) for bm, bn, bk, *rest in table]  # BLOCK_K <= padded D
 
 
-def _tuned(key: tuple, cands: list, run, m: int, device: torch.device):
+def _tuned(key: tuple, cands: list, run, logits: int, device: torch.device):
     """run(cand) for the candidate picked for `key`: the first one on CPU (the interpreter), below
-    _TUNE_MIN_ROWS rows or with WMKERNELS_TUNE=0, else the fastest when first timed."""
-    if device.type != "cuda" or m < _TUNE_MIN_ROWS or len(cands) == 1 or os.environ.get("WMKERNELS_TUNE") == "0":
+    _TUNE_MIN_ROWS ** 2 logits or with WMKERNELS_TUNE=0, else the fastest when first timed."""
+    small = logits < _TUNE_MIN_ROWS ** 2
+    if device.type != "cuda" or small or len(cands) == 1 or os.environ.get("WMKERNELS_TUNE") == "0":
         chosen = cands[0]
     elif key in _picked:
         chosen = _picked[key]
@@ -470,20 +501,7 @@ def _pick(key, cands, run):
     return min(times, key=times.get)
 
 
-def _launch(kind: str, kernel, m: int, bd: int, op: torch.dtype, device: torch.device, args: tuple, cx: dict,
-            cand=None):
-    """One row-blocked launch of `kernel` ("lse" / "grad"), config tuned per size class unless
-    `cand` names one (tests, probes)."""
-    def run(cand):
-        kernel[(triton.cdiv(m, cand[0]),)](*args, **cx, **_meta(kind, cand))
-
-    if cand is not None:
-        return run(cand)
-    key = (kind, bd, op, tuple(sorted(cx.items())), m.bit_length())
-    _tuned(key, candidates(kind, bd, op), run, m, device)
-
-
-def _programs(device: torch.device) -> int:
+def _sm_count(device: torch.device) -> int:
     """Programs of the persistent symmetric forward: one per SM on a GPU (each keeps a column
     slice of partials, so more would cost memory, not speed); 2 under the interpreter, so that
     the tests see programs with several row blocks."""
@@ -492,27 +510,68 @@ def _programs(device: torch.device) -> int:
     return 2
 
 
+def _col_splits(row_programs: int, n: int, bn: int, device: torch.device, splits: int | None) -> tuple[int, int]:
+    """(number of column splits, columns per split, a multiple of bn). On a GPU, enough splits for
+    about two programs per SM when the rows alone give fewer (a rank's local rows against the
+    gathered batch), keeping at least 8 column tiles per split; one elsewhere unless `splits`
+    asks (tests)."""
+    if splits is None:
+        splits = 1 if device.type != "cuda" else 2 * _sm_count(device) // max(row_programs, 1)
+        splits = min(splits, triton.cdiv(n, 8 * bn))
+    splits = max(1, min(splits, triton.cdiv(n, bn)))
+    cols = triton.cdiv(triton.cdiv(n, splits), bn) * bn
+    return triton.cdiv(n, cols), cols
+
+
 # --- host side -----------------------------------------------------------------------------------
 
-def _lse(x, y, scale, acc):
+def _lse(x, y, scale, acc, cand=None, splits=None):
+    """(lse, max, arg) per row of x against the rows of y; `cand` / `splits` override the tuned
+    config and the column split count (tests, probes)."""
     m, n, d = x.shape[0], y.shape[0], x.shape[1]
-    bd = block_d(d)
-    lse, mx = torch.empty(m, dtype=acc, device=x.device), torch.empty(m, dtype=acc, device=x.device)
-    arg = torch.empty(m, dtype=torch.int64, device=x.device)
+    bd, dev = block_d(d), x.device
     cx = dict(ACC=_tl_acc(acc), PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype), EVEN_D=d == bd, BLOCK_D=bd)
-    _launch("lse", _lse_kernel, m, bd, x.dtype, x.device, (x, y, scale, lse, mx, arg, m, n, d), cx)
-    return lse, mx, arg
+
+    def run(cand):
+        programs = triton.cdiv(m, cand[0])
+        k, cols = _col_splits(programs, n, cand[1], dev, splits)
+        lse, mx = torch.empty(m, dtype=acc, device=dev), torch.empty(m, dtype=acc, device=dev)
+        arg = torch.empty(m, dtype=torch.int64, device=dev)
+        if k == 1:
+            _lse_kernel[(programs, 1)](x, y, scale, lse, mx, arg, m, n, d, cols, **cx, **_meta("lse", cand), SPLIT=False)
+            return lse, mx, arg
+        pm, ps = torch.empty(k, m, dtype=acc, device=dev), torch.empty(k, m, dtype=acc, device=dev)
+        pa = torch.empty(k, m, dtype=torch.int32, device=dev)
+        _lse_kernel[(programs, k)](x, y, scale, pm, ps, pa, m, n, d, cols, **cx, **_meta("lse", cand), SPLIT=True)
+        _col_reduce_kernel[(triton.cdiv(m, _REDUCE_BLOCK),)](pm, ps, pa, lse, mx, arg, m, k, ACC=cx["ACC"],
+                                                             BLOCK=_REDUCE_BLOCK)
+        return lse, mx, arg
+
+    if cand is not None:
+        return run(cand)
+    key = ("lse", bd, x.dtype, tuple(sorted(cx.items())), m.bit_length(), n.bit_length())
+    return _tuned(key, candidates("lse", bd, x.dtype), run, m * n, dev)
 
 
-def _grad(x, y, scale, lse_x, g_x, lse_y, g_y, row_term: bool, col_term: bool, acc, cand=None):
+def _grad(x, y, scale, lse_x, g_x, lse_y, g_y, row_term: bool, col_term: bool, acc, cand=None, splits=None):
+    """sum_j G_ij y_j per row of x (see _grad_kernel), fp32 / fp64; `cand` / `splits` as in _lse."""
     m, n, d = x.shape[0], y.shape[0], x.shape[1]
-    bd = block_d(d)
-    out = torch.empty(x.shape, dtype=acc, device=x.device)
+    bd, dev = block_d(d), x.device
     cx = dict(ROW_TERM=row_term, COL_TERM=col_term, ACC=_tl_acc(acc), PREC=_precision(x.dtype),
               UPCAST=_upcast(x.dtype), EVEN_D=d == bd, BLOCK_D=bd)
-    _launch("grad", _grad_kernel, m, bd, x.dtype, x.device, (x, y, scale, lse_x, g_x, lse_y, g_y, out, m, n, d), cx,
-            cand)
-    return out
+
+    def run(cand):
+        programs = triton.cdiv(m, cand[0])
+        k, cols = _col_splits(programs, n, cand[1], dev, splits)
+        out = torch.empty((k, *x.shape), dtype=acc, device=dev)
+        _grad_kernel[(programs, k)](x, y, scale, lse_x, g_x, lse_y, g_y, out, m, n, d, cols, **cx,
+                                    **_meta("grad", cand), SPLIT=k > 1)
+        return out[0] if k == 1 else out.sum(0)
+
+    if cand is not None:
+        return run(cand)
+    key = ("grad", bd, x.dtype, tuple(sorted(cx.items())), m.bit_length(), n.bit_length())
+    return _tuned(key, candidates("grad", bd, x.dtype), run, m * n, dev)
 
 
 def _prepare(z1, z2, normalize):
@@ -531,7 +590,7 @@ _SPLIT = ("split",)  # the symmetric forward as two one-direction sweeps, a tuni
 
 def _sym_lse(x, y, scale, acc, cand=None):
     """(lse, max, arg) per row of x and per row of y (the columns) of scale * x @ y.T: one fused
-    sweep (P x N partials, P = _programs) or, where timed faster, one sweep per direction.
+    sweep (P x N partials, P = _sm_count) or, where timed faster, one sweep per direction.
     `cand` (a "sym" candidate or _SPLIT) overrides the choice, for tests and probes."""
     m, n, d = x.shape[0], y.shape[0], x.shape[1]
     bd, dev = block_d(d), x.device
@@ -541,7 +600,7 @@ def _sym_lse(x, y, scale, acc, cand=None):
         if cand == _SPLIT:
             return _lse(x, y, scale, acc) + _lse(y, x, scale, acc)
         n_rb = triton.cdiv(m, cand[0])
-        p = min(_programs(dev), n_rb)
+        p = min(_sm_count(dev), n_rb)
         lse_r, max_r = torch.empty(m, dtype=acc, device=dev), torch.empty(m, dtype=acc, device=dev)
         arg_r = torch.empty(m, dtype=torch.int64, device=dev)
         pm, ps = torch.empty(p, n, dtype=acc, device=dev), torch.empty(p, n, dtype=acc, device=dev)
@@ -555,8 +614,8 @@ def _sym_lse(x, y, scale, acc, cand=None):
 
     if cand is not None:
         return run(cand)
-    key = ("sym", bd, x.dtype, tuple(sorted(cx.items())), m.bit_length())
-    return _tuned(key, candidates("sym", bd, x.dtype) + [_SPLIT], run, m, dev)
+    key = ("sym", bd, x.dtype, tuple(sorted(cx.items())), m.bit_length(), n.bit_length())
+    return _tuned(key, candidates("sym", bd, x.dtype) + [_SPLIT], run, m * n, dev)
 
 
 def contrastive_forward(z1, z2, scale, labels_row, labels_col, pos_weight, smooth_row, smooth_col, normalize, symmetric):
@@ -599,31 +658,42 @@ def aot_specs() -> list[tuple]:
             base = {"ACC": _tl_acc(acc), "PREC": _precision(op), "UPCAST": False, "EVEN_D": True, "BLOCK_D": bd}
             wide = op in (torch.float32, torch.float64)
             checks = {"max_spill_bytes": 8192 if wide and bd >= 128 else 256 if wide or bd >= 512 else 0}
-            fwd_sig = {"x_ptr": f"*{name}", "y_ptr": f"*{name}", "scale_ptr": f"*{aname}", "lse_ptr": f"*{aname}",
-                       "max_ptr": f"*{aname}", "arg_ptr": "*i64"}
-            sym_sig = {**fwd_sig, "pm_ptr": f"*{aname}", "ps_ptr": f"*{aname}", "pa_ptr": "*i32", **dims,
+            # the split variants (partials written) only for the default config: it is what a rank's
+            # local rows against the gathered batch launch with below the tuning size
+            fwd_ptrs = {"x_ptr": f"*{name}", "y_ptr": f"*{name}", "scale_ptr": f"*{aname}"}
+            lse_sig = {False: {**fwd_ptrs, "lse_ptr": f"*{aname}", "max_ptr": f"*{aname}", "arg_ptr": "*i64"},
+                       True: {**fwd_ptrs, "lse_ptr": f"*{aname}", "max_ptr": f"*{aname}", "arg_ptr": "*i32"}}
+            sym_sig = {**lse_sig[False], "pm_ptr": f"*{aname}", "ps_ptr": f"*{aname}", "pa_ptr": "*i32", **dims,
                        "n_row_blocks": "i32"}
-            for kernel, kind, sig in ((_lse_kernel, "lse", {**fwd_sig, **dims}), (_sym_lse_kernel, "sym", sym_sig)):
+            for kind in ("lse", "sym"):
                 for i, (bm, bn, bk, warps, stages) in enumerate(candidates(kind, bd, op)):
                     if i and op != torch.bfloat16:
                         break
-                    cx = {**base, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-                    specs.append((kernel, {**sig, **{k: "constexpr" for k in cx}}, cx,
-                                  {"num_warps": warps, "num_stages": stages},
-                                  {**checks, "archs": (80, 90) if i == 0 else (90,)}))
+                    for split in (False, True) if kind == "lse" and i == 0 else (False,):
+                        cx = {**base, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+                        if kind == "lse":
+                            kernel, sig, cx = _lse_kernel, {**lse_sig[split], **dims, "split_cols": "i64"}, {
+                                **cx, "SPLIT": split}
+                        else:
+                            kernel, sig = _sym_lse_kernel, sym_sig
+                        specs.append((kernel, {**sig, **{k: "constexpr" for k in cx}}, cx,
+                                      {"num_warps": warps, "num_stages": stages},
+                                      {"max_spill_bytes": max(checks["max_spill_bytes"], 64 if split else 0),
+                                       "archs": (80, 90) if i == 0 and not split else (90,)}))
             for i, (bm, bn, _, warps, stages, one_exp) in enumerate(candidates("grad", bd, op)):
                 if i and op != torch.bfloat16:
                     break
                 terms = ((True, False), (True, True), (False, True)) if bd == 64 and i == 0 else ((True, True),)
-                for row_term, col_term in terms:
+                for (row_term, col_term), split in [(t, sp) for t in terms for sp in ((False, True) if i == 0 else (False,))]:
                     cx = {"ROW_TERM": row_term, "COL_TERM": col_term, **base, "BLOCK_M": bm, "BLOCK_N": bn,
-                          "ONE_EXP": one_exp}
+                          "ONE_EXP": one_exp, "SPLIT": split}
                     sig = {"x_ptr": f"*{name}", "y_ptr": f"*{name}",
                            **{p: f"*{aname}" for p in ("scale_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr",
                                                        "out_ptr")}}
-                    specs.append((_grad_kernel, {**sig, **dims, **{k: "constexpr" for k in cx}}, cx,
-                                  {"num_warps": warps, "num_stages": stages},
-                                  {**checks, "archs": (80, 90) if i == 0 else (90,)}))
+                    specs.append((_grad_kernel, {**sig, **dims, "split_cols": "i64", **{k: "constexpr" for k in cx}},
+                                  cx, {"num_warps": warps, "num_stages": stages},
+                                  {"max_spill_bytes": max(checks["max_spill_bytes"], 64 if split else 0),
+                                   "archs": (80, 90) if i == 0 and not split else (90,)}))
     for aname, acc in (("fp32", tl.float32), ("fp64", tl.float64)):
         cx = {"ACC": acc, "BLOCK": _REDUCE_BLOCK}
         sig = {**{p: f"*{aname}" for p in ("pm_ptr", "ps_ptr")}, "pa_ptr": "*i32", "lse_ptr": f"*{aname}",
