@@ -446,12 +446,13 @@ def test_triton_fused_symmetric_forward_matches_two_sweeps(dtype):
     z1, z2 = torch.randn(150, 40, generator=g).to(dev, dtype), torch.randn(97, 40, generator=g).to(dev, dtype)
     acc, _, _, ka, kb = tc._prepare(z1, z2, True)
     scale = torch.tensor(14.0, device=dev)
-    fused = tc._sym_lse(ka, kb, scale, acc, cand=tc.candidates("sym", tc.block_d(40), ka.dtype)[-1])
     split = tc._sym_lse(ka, kb, scale, acc, cand=tc._SPLIT)
-    for i in (0, 1, 3, 4):  # logsumexp and max, per row and per column
-        torch.testing.assert_close(fused[i], split[i], rtol=1e-5, atol=1e-5)
-    for i in (2, 5):  # argmax
-        assert torch.equal(fused[i], split[i])
+    for cols in (1, 2):  # the columns in one range, and in two (each program writes row partials)
+        fused = tc._sym_lse(ka, kb, scale, acc, cand=tc.candidates("sym", tc.block_d(40), ka.dtype)[-1], splits=cols)
+        for i in (0, 1, 3, 4):  # logsumexp and max, per row and per column
+            torch.testing.assert_close(fused[i], split[i], rtol=1e-5, atol=1e-5)
+        for i in (2, 5):  # argmax
+            assert torch.equal(fused[i], split[i])
 
 
 @pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton backend not runnable here")

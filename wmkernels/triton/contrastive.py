@@ -245,23 +245,26 @@ def _sym_step(x, x_ptr, rows, r0, y_ptr, j0, dd, M, N, D, s, m, l, arg, pm_ptr, 
 
 @triton.jit
 def _sym_lse_kernel(
-    x_ptr, y_ptr, scale_ptr, lse_ptr, max_ptr, arg_ptr, pm_ptr, ps_ptr, pa_ptr, M, N, D, n_row_blocks,
+    x_ptr, y_ptr, scale_ptr, lse_ptr, max_ptr, arg_ptr, pm_ptr, ps_ptr, pa_ptr, M, N, D, n_row_blocks, split_cols,
     ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """Both directions in one sweep over the logits L = scale * x @ y.T: per row of x its
     logsumexp, max and first argmax (as _lse_kernel), and per program p (a persistent grid of P
     programs, block rows p, p + P, ...) the partial column statistics over its rows in row p of the
     P x N buffers pm (max), ps (sum of exp(L - pm)), pa (first argmax, int32), merged by
     _col_reduce_kernel. Each logit is formed once; reads the rows once per program tile, writes
-    O(P N + M)."""
+    O(P N + M). With SPLIT (few row blocks), program (p, c) covers the columns of split c only and
+    writes row partials as _lse_kernel does (the column ranges of one p are disjoint)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     dd = tl.arange(0, BLOCK_D).to(tl.int64)
     RESIDENT: tl.constexpr = BLOCK_K == BLOCK_D
     s = tl.load(scale_ptr).to(ACC)
     part = pid.to(tl.int64) * N
-    n_full = (N // BLOCK_N) * BLOCK_N
+    c0, c1 = _col_range(N, split_cols, SPLIT)
+    n_full = c0 + ((c1 - c0) // BLOCK_N) * BLOCK_N
     for rb in range(pid, n_row_blocks, nprog):
         r0 = rb * BLOCK_M  # < M: fits int32
         rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -270,18 +273,24 @@ def _sym_lse_kernel(
         m = tl.full([BLOCK_M], float("-inf"), ACC)
         l = tl.zeros([BLOCK_M], ACC)
         arg = tl.zeros([BLOCK_M], tl.int64)
-        for j0 in range(0, n_full, BLOCK_N):
-            m, l, arg = _sym_step(x, x_ptr, rows, r0, y_ptr, j0, dd, M, N, D, s, m, l, arg, pm_ptr + part,
+        for j0 in range(c0, n_full, BLOCK_N):  # c1 bounds the masks
+            m, l, arg = _sym_step(x, x_ptr, rows, r0, y_ptr, j0, dd, M, c1, D, s, m, l, arg, pm_ptr + part,
                                   ps_ptr + part, pa_ptr + part, later, False, RESIDENT, EVEN_D, ACC, PREC, UPCAST,
                                   BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
-        if n_full < N:
-            m, l, arg = _sym_step(x, x_ptr, rows, r0, y_ptr, n_full, dd, M, N, D, s, m, l, arg, pm_ptr + part,
+        if n_full < c1:
+            m, l, arg = _sym_step(x, x_ptr, rows, r0, y_ptr, n_full, dd, M, c1, D, s, m, l, arg, pm_ptr + part,
                                   ps_ptr + part, pa_ptr + part, later, True, RESIDENT, EVEN_D, ACC, PREC, UPCAST,
                                   BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
         rmask = rows < M
-        tl.store(lse_ptr + rows, m + tl.log(l), mask=rmask)
-        tl.store(max_ptr + rows, m, mask=rmask)
-        tl.store(arg_ptr + rows, arg, mask=rmask)
+        if SPLIT:
+            rpart = tl.program_id(1).to(tl.int64) * M + rows
+            tl.store(lse_ptr + rpart, m, mask=rmask)
+            tl.store(max_ptr + rpart, l, mask=rmask)
+            tl.store(arg_ptr + rpart, arg.to(tl.int32), mask=rmask)
+        else:
+            tl.store(lse_ptr + rows, m + tl.log(l), mask=rmask)
+            tl.store(max_ptr + rows, m, mask=rmask)
+            tl.store(arg_ptr + rows, arg, mask=rmask)
 
 
 @triton.jit
@@ -525,6 +534,13 @@ def _col_splits(row_programs: int, n: int, bn: int, device: torch.device, splits
 
 # --- host side -----------------------------------------------------------------------------------
 
+def _merge(pm, ps, pa, lse, mx, arg, parts: int, acc_tl) -> None:
+    """lse, max, first argmax of each column of the (parts, n) partial statistics."""
+    n = lse.shape[0]
+    _col_reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK),)](pm, ps, pa, lse, mx, arg, n, parts, ACC=acc_tl,
+                                                         BLOCK=_REDUCE_BLOCK)
+
+
 def _lse(x, y, scale, acc, cand=None, splits=None):
     """(lse, max, arg) per row of x against the rows of y; `cand` / `splits` override the tuned
     config and the column split count (tests, probes)."""
@@ -543,8 +559,7 @@ def _lse(x, y, scale, acc, cand=None, splits=None):
         pm, ps = torch.empty(k, m, dtype=acc, device=dev), torch.empty(k, m, dtype=acc, device=dev)
         pa = torch.empty(k, m, dtype=torch.int32, device=dev)
         _lse_kernel[(programs, k)](x, y, scale, pm, ps, pa, m, n, d, cols, **cx, **_meta("lse", cand), SPLIT=True)
-        _col_reduce_kernel[(triton.cdiv(m, _REDUCE_BLOCK),)](pm, ps, pa, lse, mx, arg, m, k, ACC=cx["ACC"],
-                                                             BLOCK=_REDUCE_BLOCK)
+        _merge(pm, ps, pa, lse, mx, arg, k, cx["ACC"])
         return lse, mx, arg
 
     if cand is not None:
@@ -588,29 +603,35 @@ def _prepare(z1, z2, normalize):
 _SPLIT = ("split",)  # the symmetric forward as two one-direction sweeps, a tuning candidate
 
 
-def _sym_lse(x, y, scale, acc, cand=None):
+def _sym_lse(x, y, scale, acc, cand=None, splits=None):
     """(lse, max, arg) per row of x and per row of y (the columns) of scale * x @ y.T: one fused
     sweep (P x N partials, P = _sm_count) or, where timed faster, one sweep per direction.
-    `cand` (a "sym" candidate or _SPLIT) overrides the choice, for tests and probes."""
+    `cand` (a "sym" candidate or _SPLIT) and `splits` (column splits) override the choices, for
+    tests and probes."""
     m, n, d = x.shape[0], y.shape[0], x.shape[1]
     bd, dev = block_d(d), x.device
     cx = dict(ACC=_tl_acc(acc), PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype), EVEN_D=d == bd, BLOCK_D=bd)
 
     def run(cand):
         if cand == _SPLIT:
-            return _lse(x, y, scale, acc) + _lse(y, x, scale, acc)
+            return _lse(x, y, scale, acc, splits=splits) + _lse(y, x, scale, acc, splits=splits)
         n_rb = triton.cdiv(m, cand[0])
         p = min(_sm_count(dev), n_rb)
-        lse_r, max_r = torch.empty(m, dtype=acc, device=dev), torch.empty(m, dtype=acc, device=dev)
-        arg_r = torch.empty(m, dtype=torch.int64, device=dev)
+        k, cols = _col_splits(p, n, cand[1], dev, splits)
+        rows = [torch.empty(m, dtype=acc, device=dev), torch.empty(m, dtype=acc, device=dev),
+                torch.empty(m, dtype=torch.int64, device=dev)]
+        rparts = rows if k == 1 else [torch.empty(k, m, dtype=acc, device=dev), torch.empty(k, m, dtype=acc, device=dev),
+                                      torch.empty(k, m, dtype=torch.int32, device=dev)]
         pm, ps = torch.empty(p, n, dtype=acc, device=dev), torch.empty(p, n, dtype=acc, device=dev)
         pa = torch.empty(p, n, dtype=torch.int32, device=dev)
-        _sym_lse_kernel[(p,)](x, y, scale, lse_r, max_r, arg_r, pm, ps, pa, m, n, d, n_rb, **cx, **_meta("sym", cand))
-        lse_c, max_c = torch.empty(n, dtype=acc, device=dev), torch.empty(n, dtype=acc, device=dev)
-        arg_c = torch.empty(n, dtype=torch.int64, device=dev)
-        _col_reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK),)](pm, ps, pa, lse_c, max_c, arg_c, n, p, ACC=cx["ACC"],
-                                                             BLOCK=_REDUCE_BLOCK)
-        return lse_r, max_r, arg_r, lse_c, max_c, arg_c
+        _sym_lse_kernel[(p, k)](x, y, scale, *rparts, pm, ps, pa, m, n, d, n_rb, cols, **cx, **_meta("sym", cand),
+                                SPLIT=k > 1)
+        if k > 1:
+            _merge(*rparts, *rows, k, cx["ACC"])
+        columns = [torch.empty(n, dtype=acc, device=dev), torch.empty(n, dtype=acc, device=dev),
+                   torch.empty(n, dtype=torch.int64, device=dev)]
+        _merge(pm, ps, pa, *columns, p, cx["ACC"])
+        return (*rows, *columns)
 
     if cand is not None:
         return run(cand)
@@ -663,19 +684,19 @@ def aot_specs() -> list[tuple]:
             fwd_ptrs = {"x_ptr": f"*{name}", "y_ptr": f"*{name}", "scale_ptr": f"*{aname}"}
             lse_sig = {False: {**fwd_ptrs, "lse_ptr": f"*{aname}", "max_ptr": f"*{aname}", "arg_ptr": "*i64"},
                        True: {**fwd_ptrs, "lse_ptr": f"*{aname}", "max_ptr": f"*{aname}", "arg_ptr": "*i32"}}
-            sym_sig = {**lse_sig[False], "pm_ptr": f"*{aname}", "ps_ptr": f"*{aname}", "pa_ptr": "*i32", **dims,
-                       "n_row_blocks": "i32"}
+            sym_sig = {False: {**lse_sig[False], "pm_ptr": f"*{aname}", "ps_ptr": f"*{aname}", "pa_ptr": "*i32", **dims,
+                               "n_row_blocks": "i32", "split_cols": "i64"}}
+            sym_sig[True] = {**sym_sig[False], "arg_ptr": "*i32"}
             for kind in ("lse", "sym"):
                 for i, (bm, bn, bk, warps, stages) in enumerate(candidates(kind, bd, op)):
                     if i and op != torch.bfloat16:
                         break
-                    for split in (False, True) if kind == "lse" and i == 0 else (False,):
-                        cx = {**base, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+                    for split in (False, True) if i == 0 else (False,):
+                        cx = {**base, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split}
                         if kind == "lse":
-                            kernel, sig, cx = _lse_kernel, {**lse_sig[split], **dims, "split_cols": "i64"}, {
-                                **cx, "SPLIT": split}
+                            kernel, sig = _lse_kernel, {**lse_sig[split], **dims, "split_cols": "i64"}
                         else:
-                            kernel, sig = _sym_lse_kernel, sym_sig
+                            kernel, sig = _sym_lse_kernel, sym_sig[split]
                         specs.append((kernel, {**sig, **{k: "constexpr" for k in cx}}, cx,
                                       {"num_warps": warps, "num_stages": stages},
                                       {"max_spill_bytes": max(checks["max_spill_bytes"], 64 if split else 0),
