@@ -13,8 +13,12 @@ persistent grid of P programs (one per SM) keeps each program's running column s
 own row of P x N partials (12 bytes per entry in fp32), merged afterwards; one exp per logit serves
 both directions (see `_FAR`). Backward (`_grad_kernel`): the same sweep forms G = g_row P + g_col Q
 per tile (one exp per logit) and accumulates G @ y for its rows; launched for d a (rows a) and d b
-(rows b). Nothing B x B is stored: extra memory is the prepared rows, O(B) statistics and the
-P x N partials. Full column tiles run without masks; the last, partial one is masked.
+(rows b). Few rows against many columns (a rank's rows against the gathered batch, or a small
+batch) would leave SMs idle, so the columns are then split across programs too (`_col_splits`),
+whose partial row statistics / gradients are merged afterwards. Nothing B x B is stored: extra
+memory is the prepared rows, O(B) statistics and the P x N partials (the split backward: one
+M x D fp32 partial per split). Full column tiles run without masks; the last, partial one is
+masked.
 
 Tile shapes: at large B on a GPU each kernel times a few candidate configs once per (kernel, padded
 D, dtype, size class) and keeps the fastest (`_pick`; like triton.autotune, that first call waits for
