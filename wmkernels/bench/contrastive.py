@@ -93,11 +93,50 @@ def _case(device: str, b: int, d: int, dtype: torch.dtype) -> Case:
     )
 
 
+def _gather_case(device: str, rows: int, world: int, d: int, dtype: torch.dtype) -> Case:
+    """One rank's share of `distributed="gather"` (rank 0 of `world`): its `rows` against the
+    gathered rows * world columns, one direction (the per-rank op that mode runs twice)."""
+    n = rows * world
+
+    def setup():
+        g = torch.Generator(device=device).manual_seed(rows + n + d)
+        z1 = torch.randn(rows, d, device=device, dtype=dtype, generator=g)
+        z2 = torch.randn(n, d, device=device, dtype=dtype, generator=g)
+        z2[:rows] = z1 + 0.5 * torch.randn(rows, d, device=device, dtype=dtype, generator=g)
+        scale = torch.tensor(14.0, device=device, requires_grad=True)
+        return {"z1": z1.requires_grad_(), "z2": z2.requires_grad_(), "scale": scale}
+
+    def eager(z1, z2, scale):
+        logits = scale * F.normalize(z1, dim=1) @ F.normalize(z2, dim=1).T
+        return F.cross_entropy(logits, torch.arange(z1.shape[0], device=z1.device))
+
+    def ours(backend):
+        from ..ops.contrastive import contrastive_loss_fn
+
+        def loss(z1, z2, scale):
+            labels = torch.arange(z1.shape[0], device=z1.device)
+            return contrastive_loss_fn(z1, z2, scale, labels, labels[:0], 1.0, 0.0, 0.0, True, False, backend)[0].mean()
+        return loss
+
+    contenders = {"eager": _fwd_bwd(eager), "compile": _fwd_bwd(torch.compile(eager, dynamic=False))}
+    contenders.update({f"wmkernels-{b}": _fwd_bwd(ours(b)) for b in runnable_backends(device)})
+    es = torch.empty(0, dtype=dtype).element_size()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    return Case(
+        op="contrastive", name=f"gather-M{rows}-N{n}-D{d}-{str(dtype).removeprefix('torch.')}", size=rows * n,
+        setup=setup, contenders=contenders, reference="eager", bytes_moved=2 * (rows + n) * d * es,
+        flops=6 * rows * n * d, rtol=tol, atol=tol / 10, params={"M": rows, "N": n, "D": d},
+        dtype=str(dtype).removeprefix("torch."),
+    )
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     """Quick: B = 1024, D = 256 fp32. Full: B = 4096, 16384 x D = 256, 512 in fp32 on CPU; on GPU
-    B = 16384 .. 262144 in bf16 (eager runs out of memory at the top; that row reports the error)."""
+    B = 16384 .. 262144 in bf16 (eager runs out of memory at the top; that row reports the error),
+    and one rank's share of distributed="gather" (1024 local rows, 32 ranks, D = 256)."""
     if quick:
         return [_case(device, 1024, 256, torch.float32)]
     if torch.device(device).type == "cuda":
-        return [_case(device, b, d, torch.bfloat16) for b in (16384, 65536, 262144) for d in (256, 512)]
+        return [_case(device, b, d, torch.bfloat16) for b in (16384, 65536, 262144) for d in (256, 512)] + [
+            _gather_case(device, 1024, 32, 256, torch.bfloat16)]
     return [_case(device, b, d, torch.float32) for b in (4096, 16384) for d in (256, 512)]
