@@ -683,8 +683,8 @@ def aot_specs() -> list[tuple]:
             base = {"ACC": _tl_acc(acc), "PREC": _precision(op), "UPCAST": False, "EVEN_D": True, "BLOCK_D": bd}
             wide = op in (torch.float32, torch.float64)
             checks = {"max_spill_bytes": 8192 if wide and bd >= 128 else 256 if wide or bd >= 512 else 0}
-            # the split variants (partials written) only for the default config: it is what a rank's
-            # local rows against the gathered batch launch with below the tuning size
+            # the split variants (partials written): bf16 default configs (the code does not depend on
+            # the operand dtype; what a rank's local rows against the gathered batch launch with)
             fwd_ptrs = {"x_ptr": f"*{name}", "y_ptr": f"*{name}", "scale_ptr": f"*{aname}"}
             lse_sig = {False: {**fwd_ptrs, "lse_ptr": f"*{aname}", "max_ptr": f"*{aname}", "arg_ptr": "*i64"},
                        True: {**fwd_ptrs, "lse_ptr": f"*{aname}", "max_ptr": f"*{aname}", "arg_ptr": "*i32"}}
@@ -695,7 +695,7 @@ def aot_specs() -> list[tuple]:
                 for i, (bm, bn, bk, warps, stages) in enumerate(candidates(kind, bd, op)):
                     if i and op != torch.bfloat16:
                         break
-                    for split in (False, True) if i == 0 else (False,):
+                    for split in (False, True) if i == 0 and op == torch.bfloat16 else (False,):
                         cx = {**base, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split}
                         if kind == "lse":
                             kernel, sig = _lse_kernel, {**lse_sig[split], **dims, "split_cols": "i64"}
@@ -709,7 +709,8 @@ def aot_specs() -> list[tuple]:
                 if i and op != torch.bfloat16:
                     break
                 terms = ((True, False), (True, True), (False, True)) if bd == 64 and i == 0 else ((True, True),)
-                for (row_term, col_term), split in [(t, sp) for t in terms for sp in ((False, True) if i == 0 else (False,))]:
+                splits = (False, True) if i == 0 and op == torch.bfloat16 else (False,)
+                for (row_term, col_term), split in [(t, sp) for t in terms for sp in splits]:
                     cx = {"ROW_TERM": row_term, "COL_TERM": col_term, **base, "BLOCK_M": bm, "BLOCK_N": bn,
                           "ONE_EXP": one_exp, "SPLIT": split}
                     sig = {"x_ptr": f"*{name}", "y_ptr": f"*{name}",
