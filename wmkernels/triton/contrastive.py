@@ -161,6 +161,22 @@ def _col_range(N, split_cols, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _store_rows(lse_ptr, max_ptr, arg_ptr, rows, M, m, l, arg, SPLIT: tl.constexpr):
+    """Row results: logsumexp, max, first argmax; with SPLIT this split's partial max, sum of
+    exp(L - max) and argmax (int32) at split * M + row, for _col_reduce_kernel."""
+    rmask = rows < M
+    if SPLIT:
+        part = tl.program_id(1).to(tl.int64) * M + rows
+        tl.store(lse_ptr + part, m, mask=rmask)
+        tl.store(max_ptr + part, l, mask=rmask)
+        tl.store(arg_ptr + part, arg.to(tl.int32), mask=rmask)
+    else:
+        tl.store(lse_ptr + rows, m + tl.log(l), mask=rmask)
+        tl.store(max_ptr + rows, m, mask=rmask)
+        tl.store(arg_ptr + rows, arg, mask=rmask)
+
+
+@triton.jit
 def _lse_kernel(
     x_ptr, y_ptr, scale_ptr, lse_ptr, max_ptr, arg_ptr, M, N, D, split_cols,
     ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
@@ -188,16 +204,7 @@ def _lse_kernel(
     if n_full < c1:
         m, l, arg = _lse_step(x, x_ptr, rows, y_ptr, n_full, dd, M, c1, D, s, m, l, arg, True, RESIDENT, EVEN_D, ACC,
                               PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
-    rmask = rows < M
-    if SPLIT:
-        part = tl.program_id(1).to(tl.int64) * M + rows
-        tl.store(lse_ptr + part, m, mask=rmask)
-        tl.store(max_ptr + part, l, mask=rmask)
-        tl.store(arg_ptr + part, arg.to(tl.int32), mask=rmask)
-    else:
-        tl.store(lse_ptr + rows, m + tl.log(l), mask=rmask)
-        tl.store(max_ptr + rows, m, mask=rmask)
-        tl.store(arg_ptr + rows, arg, mask=rmask)
+    _store_rows(lse_ptr, max_ptr, arg_ptr, rows, M, m, l, arg, SPLIT)
 
 
 @triton.jit
@@ -285,23 +292,15 @@ def _sym_lse_kernel(
             m, l, arg = _sym_step(x, x_ptr, rows, r0, y_ptr, n_full, dd, M, c1, D, s, m, l, arg, pm_ptr + part,
                                   ps_ptr + part, pa_ptr + part, later, True, RESIDENT, EVEN_D, ACC, PREC, UPCAST,
                                   BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
-        rmask = rows < M
-        if SPLIT:
-            rpart = tl.program_id(1).to(tl.int64) * M + rows
-            tl.store(lse_ptr + rpart, m, mask=rmask)
-            tl.store(max_ptr + rpart, l, mask=rmask)
-            tl.store(arg_ptr + rpart, arg.to(tl.int32), mask=rmask)
-        else:
-            tl.store(lse_ptr + rows, m + tl.log(l), mask=rmask)
-            tl.store(max_ptr + rows, m, mask=rmask)
-            tl.store(arg_ptr + rows, arg, mask=rmask)
+        _store_rows(lse_ptr, max_ptr, arg_ptr, rows, M, m, l, arg, SPLIT)
 
 
 @triton.jit
 def _col_reduce_kernel(pm_ptr, ps_ptr, pa_ptr, lse_ptr, max_ptr, arg_ptr, N, P, ACC: tl.constexpr,
                        BLOCK: tl.constexpr):
-    """Column logsumexp, max and first argmax from the P partial rows of _sym_lse_kernel; reads
-    12 bytes (fp32) per partial entry, the max twice."""
+    """Logsumexp, max and first argmax of each of N entries from P partial rows of (max, sum of
+    exp(x - max), first argmax): the symmetric sweep's column partials, or the row partials of
+    column splits. Reads 12 bytes (fp32) per partial entry, the max twice."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     cmask = cols < N
     mx = tl.full([BLOCK], float("-inf"), ACC)
