@@ -514,8 +514,8 @@ def _pick(key, cands, run):
 
 
 def _sm_count(device: torch.device) -> int:
-    """Programs of the persistent symmetric forward: one per SM on a GPU (each keeps a column
-    slice of partials, so more would cost memory, not speed); 2 under the interpreter, so that
+    """SMs of a GPU: the persistent symmetric forward runs one program on each (each keeps a row
+    of column partials, so more would cost memory, not speed). 2 under the interpreter, so that
     the tests see programs with several row blocks."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
