@@ -429,7 +429,7 @@ def test_far_columns_at_clip_scale(backend, dtype):
     assert torch.isfinite(ours[0]).all()
     # bf16 on Triton rounds the normalized rows to bf16 (as eager bf16 does); at scale 100 that
     # moves logits by up to ~0.4 against the fp64 reference
-    check(ours, ref, dtype, grad_scale=4.0 if dtype == torch.bfloat16 else 1.0)
+    check(ours, ref, dtype, grad_scale=2.0 if dtype == torch.bfloat16 and backend == "triton" else 1.0)
 
 
 @pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton backend not runnable here")

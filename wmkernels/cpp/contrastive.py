@@ -7,8 +7,6 @@ in place here: the smoothing sum (a matrix-vector product), the scale, and norma
 """
 from __future__ import annotations
 
-import torch
-
 from .. import _ext
 from ..reference import contrastive as ref
 
@@ -41,10 +39,4 @@ def contrastive_backward(
         a, b, scale, lse_row, lse_col, g_row, g_col, labels_row, labels_col, pos_weight, smooth_row, smooth_col,
         symmetric, TILE,
     )
-    dscale = torch.dot(a.view(-1), ga.view(-1))  # sum_ij G_ij a_i . b_j
-    ga.mul_(scale)
-    gb.mul_(scale)
-    if normalize:
-        ref.normalize_backward_(ga, z1, a)
-        ref.normalize_backward_(gb, z2, b)
-    return ga.to(z1.dtype), gb.to(z2.dtype), dscale.to(scale.dtype)
+    return ref.scale_normalize_backward_(z1, z2, a, b, scale, normalize, ga, gb)

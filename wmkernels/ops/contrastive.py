@@ -107,7 +107,8 @@ def _backward(ctx, g_row, g_col, *_):
     g_row = torch.zeros_like(lse_r) if g_row is None else g_row
     g_col = torch.zeros_like(lse_c) if g_col is None else g_col
     dz1, dz2, ds = _eager.call(
-        contrastive_loss_backward_op, g_row, g_col, z1, z2, scale, labels_row, labels_col, lse_r, lse_c, pw, sr, sc, normalize, symmetric, backend
+        contrastive_loss_backward_op, g_row, g_col, z1, z2, scale, labels_row, labels_col, lse_r, lse_c, pw, sr, sc,
+        normalize, symmetric, backend,
     )
     need = ctx.needs_input_grad
     return (dz1 if need[0] else None), (dz2 if need[1] else None), (ds if need[2] else None), *([None] * 8)

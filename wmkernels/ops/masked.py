@@ -80,7 +80,8 @@ def _gather_backward(ctx, grad):
     gv = None
     if ctx.needs_input_grad[0]:
         gv = _eager.call(
-            gather_patches_backward_op, grad.contiguous(), ids, ctx.video_shape, ctx.video_dtype, ctx.tubelet, ctx.layout, std, ctx.backend
+            gather_patches_backward_op, grad.contiguous(), ids, ctx.video_shape, ctx.video_dtype, ctx.tubelet,
+            ctx.layout, std, ctx.backend,
         )
     return gv, None, None, None, None, None, None, None
 
@@ -161,8 +162,8 @@ def _unshuffle_backward(ctx, grad):
     if not (need_v or need_t or need_p):
         return None, None, None, None, None, None
     gv, gt, gp = _eager.call(
-        unshuffle_backward_op, grad.contiguous(), ids_restore, ctx.num_visible, ctx.visible_dtype, ctx.token_dtype, ctx.pos_shape,
-        ctx.pos_dtype, need_v, need_t, need_p, ctx.backend,
+        unshuffle_backward_op, grad.contiguous(), ids_restore, ctx.num_visible, ctx.visible_dtype, ctx.token_dtype,
+        ctx.pos_shape, ctx.pos_dtype, need_v, need_t, need_p, ctx.backend,
     )
     return (
         gv if need_v else None,
@@ -264,8 +265,8 @@ def _loss_backward(ctx, grad_loss, _grad_fused):
     if need_pred or need_video:
         tubelet, layout, norm_pix, norm_mode, eps = ctx.args
         p, v = _eager.call(
-            masked_mse_loss_backward_op, grad_loss, pred, video, index, tubelet, layout, norm_pix, norm_mode, eps, mean, std,
-            need_pred, need_video, ctx.backend,
+            masked_mse_loss_backward_op, grad_loss, pred, video, index, tubelet, layout, norm_pix, norm_mode, eps,
+            mean, std, need_pred, need_video, ctx.backend,
         )
         gp = p if need_pred else gp
         gv = v if need_video else None

@@ -78,6 +78,12 @@ def finish_backward(
     sub_linear_backward_(ga, gb, a, b, labels_row, g_row, pos_weight, smooth_row)
     if symmetric:
         sub_linear_backward_(gb, ga, b, a, labels_col, g_col, pos_weight, smooth_col)
+    return scale_normalize_backward_(z1, z2, a, b, scale, normalize, ga, gb)
+
+
+def scale_normalize_backward_(z1, z2, a, b, scale, normalize, ga, gb):
+    """(d z1, d z2, d scale) from ga = G @ b, gb = G.T @ a with G the full d loss / d logits over
+    scale (consumed in place): d scale = sum_i a_i . ga_i, then the scale, then normalization."""
     dscale = torch.dot(a.reshape(-1), ga.reshape(-1))
     ga.mul_(scale)
     gb.mul_(scale)
