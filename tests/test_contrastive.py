@@ -506,3 +506,57 @@ def test_triton_column_splits_match_one_sweep(dtype):
         gc = torch.rand(150, generator=g).to(dev)
         args = (ka, kb, scale, one[0], gr, lse_c, gc, row_term, col_term, acc)
         torch.testing.assert_close(tc._grad(*args, splits=3), tc._grad(*args, splits=1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton backend not runnable here")
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "one-direction"])
+@pytest.mark.parametrize("far", [None, "column", "row"])
+def test_triton_one_sweep_backward_matches_two_sweeps(symmetric, far):
+    """The one-sweep backward (a GPU tuning candidate: d b per column block in registers, d a by
+    atomics) against the two gradient sweeps: M != N, a partial last row block and column block,
+    D = 40 (masked features), each of its 64-wide tiles; and at logit_scale 100 with a column (or
+    a row) ~200 below the rest: the one-exp guard, and the padded rows (columns) of the last
+    block, whose zero features score 0, far above that column's (row's) logsumexp, must not turn
+    into inf * 0 = NaN."""
+    from wmkernels.triton import contrastive as tc
+
+    g = torch.Generator().manual_seed(8)
+    dev = device_for("triton")
+    z1, z2 = torch.randn(150, 40, generator=g), torch.randn(97, 40, generator=g)
+    if far:  # every row near the first axis; one flipped: its logits ~ -97, exp(0 - lse) overflows
+        z1[:, 0] += 40.0
+        z2[:, 0] += 40.0
+        if far == "column":
+            z2[7] = -z2[7]
+        else:
+            z1[11] = -z1[11]
+    z1, z2 = z1.to(dev, torch.bfloat16), z2.to(dev, torch.bfloat16)
+    acc, _, _, ka, kb = tc._prepare(z1, z2, True)
+    scale = torch.tensor(100.0 if far else 14.0, device=dev)
+    lse_r, _, _, lse_c, _, _ = tc._sym_lse(ka, kb, scale, acc, cand=tc._SPLIT)
+    gr, gc = torch.rand(150, generator=g).to(dev), torch.rand(97, generator=g).to(dev)
+    if not symmetric:  # placeholders, as contrastive_backward passes them
+        lse_c, gc = lse_r, gr
+    want = tc._grads(ka, kb, scale, lse_r, gr, lse_c, gc, symmetric, acc, cand=tc._TWO_SWEEPS)
+    cands = tc.candidates("fused", tc.block_d(40), ka.dtype)
+    assert len(cands) == 2 and want[0].abs().max() > 0.01
+    for cand in cands:
+        got = tc._grads(ka, kb, scale, lse_r, gr, lse_c, gc, symmetric, acc, cand=cand)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton backend not runnable here")
+def test_triton_deterministic_mode_never_picks_atomics():
+    """torch.use_deterministic_algorithms(True) leaves only the two-sweep backward (the one-sweep
+    candidates add d a by atomics, in a varying order); half operands only otherwise."""
+    from wmkernels.triton import contrastive as tc
+
+    assert len(tc._grads_candidates(256, torch.bfloat16)) > 1
+    assert tc._grads_candidates(256, torch.float32) == [tc._TWO_SWEEPS]
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert tc._grads_candidates(256, torch.bfloat16) == [tc._TWO_SWEEPS]
+    finally:
+        torch.use_deterministic_algorithms(before)

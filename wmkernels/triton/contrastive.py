@@ -13,7 +13,8 @@ persistent grid of P programs (one per SM) keeps each program's running column s
 own row of P x N partials (12 bytes per entry in fp32), merged afterwards; one exp per logit serves
 both directions (see `_FAR`). Backward (`_grad_kernel`): the same sweep forms G = g_row P + g_col Q
 per tile (one exp per logit) and accumulates G @ y for its rows; launched for d a (rows a) and d b
-(rows b). Few rows against many columns (a rank's rows against the gathered batch, or a small
+(rows b). Where timed faster (and nondeterminism is allowed), one sweep serves both
+(`_fused_grad_kernel`: each program keeps d b for its column block, d a is added by atomics). Few rows against many columns (a rank's rows against the gathered batch, or a small
 batch) would leave SMs idle, so the columns are then split across programs too (`_col_splits`),
 whose partial row statistics / gradients are merged afterwards. Nothing B x B is stored: extra
 memory is the prepared rows, O(B) statistics and the P x N partials (the split backward: one
@@ -320,29 +321,19 @@ def _col_reduce_kernel(pm_ptr, ps_ptr, pa_ptr, lse_ptr, max_ptr, arg_ptr, N, P, 
 
 
 @triton.jit
-def _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, N,
-               ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, ONE_EXP: tl.constexpr, MASK_N: tl.constexpr,
-               ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + G @ y for one tile. With both terms and ONE_EXP, one exp per logit: exp(L - lse_y) =
-    P u_i exp(big - lse_y) (P = exp(L - lse_x), u_i = exp(lse_x[i] - big)), unless a column's
-    lse sits more than _FAR below `big`, where P may have underflowed: then a second exp. (The
+def _grad_weights(logits, lse_x, g_x, u, gap, lse_y, g_y, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr,
+                  ONE_EXP: tl.constexpr):
+    """G = g_x[i] exp(L - lse_x[i]) (ROW_TERM) + g_y[j] exp(L - lse_y[j]) (COL_TERM) for one tile.
+    With both terms and ONE_EXP, one exp per logit: exp(L - lse_y) = P u_i exp(gap_j) (P = exp(L -
+    lse_x), u_i = exp(lse_x[i] - big), gap_j = big - lse_y[j], big the block's largest lse_x),
+    unless a column's gap exceeds _FAR, where P may have underflowed: then a second exp. (The
     rescaling takes registers: on triton 3.6 it spills at the two-exp tile shapes, so both are
     tuning candidates.)"""
-    if COL_TERM:
-        if MASK_N:
-            lse_y = tl.load(lse_y_ptr + cols, mask=cols < N, other=0.0)
-            g_y = tl.load(g_y_ptr + cols, mask=cols < N, other=0.0)
-        else:
-            lse_y = tl.load(lse_y_ptr + cols)
-            g_y = tl.load(g_y_ptr + cols)
     if ROW_TERM:
         p = tl.exp(logits - lse_x[:, None])
         if COL_TERM and not ONE_EXP:
             g = g_x[:, None] * p + g_y[None, :] * tl.exp(logits - lse_y[None, :])
         elif COL_TERM:
-            gap = big - lse_y
-            if MASK_N:
-                gap = tl.where(cols < N, gap, 0.0)
             if tl.max(gap, axis=0) > _FAR:
                 g = g_x[:, None] * p + g_y[None, :] * tl.exp(logits - lse_y[None, :])
             else:
@@ -351,6 +342,28 @@ def _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, N,
             g = g_x[:, None] * p
     else:
         g = g_y[None, :] * tl.exp(logits - lse_y[None, :])
+    return g
+
+
+@triton.jit
+def _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, N,
+               ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, ONE_EXP: tl.constexpr, MASK_N: tl.constexpr,
+               ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + G @ y for one column tile (see _grad_weights)."""
+    lse_y = 0.0  # placeholders without COL_TERM (never read)
+    g_y = 0.0
+    gap = 0.0
+    if COL_TERM:
+        if MASK_N:
+            lse_y = tl.load(lse_y_ptr + cols, mask=cols < N, other=0.0)
+            g_y = tl.load(g_y_ptr + cols, mask=cols < N, other=0.0)
+        else:
+            lse_y = tl.load(lse_y_ptr + cols)
+            g_y = tl.load(g_y_ptr + cols)
+        gap = big - lse_y
+        if MASK_N:
+            gap = tl.where(cols < N, gap, 0.0)
+    g = _grad_weights(logits, lse_x, g_x, u, gap, lse_y, g_y, ROW_TERM, COL_TERM, ONE_EXP)
     if MASK_N:
         g = tl.where((cols < N)[None, :], g, 0.0)
     return acc + _mma(g.to(y.dtype), y, ACC, PREC, UPCAST)
@@ -401,6 +414,87 @@ def _grad_kernel(
         tl.store(ptrs, acc, mask=rmask[:, None] & (dd < D)[None, :])
 
 
+@triton.jit
+def _fused_grad_step(x_ptr, rows, y, cols, dd, lse_x_ptr, g_x_ptr, lse_y, g_y, dx_ptr, acc, M, N, D, s, pad_cols,
+                     COL_TERM: tl.constexpr, ONE_EXP: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr,
+                     ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One row block of the one-sweep backward: the tile's G (see _grad_weights), G @ y added into
+    dx by atomics, acc + G.T @ x returned. Rows past M (MASK_M) and padded columns (`pad_cols`,
+    the last column block) get -inf logits, so G is 0 there. (Reading y per row block and adding
+    G @ y in feature chunks, to free registers, spilled far more at every tile tried.)"""
+    rmask = rows < M
+    if MASK_M:
+        x = _load_rows(x_ptr, rows, dd, M, D, EVEN_D)
+        lse_x = tl.load(lse_x_ptr + rows, mask=rmask, other=0.0)
+        g_x = tl.load(g_x_ptr + rows, mask=rmask, other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(x_ptr + rows[:, None] * D + dd[None, :])
+        else:
+            x = tl.load(x_ptr + rows[:, None] * D + dd[None, :], mask=(dd < D)[None, :], other=0.0)
+        lse_x = tl.load(lse_x_ptr + rows)
+        g_x = tl.load(g_x_ptr + rows)
+    logits = _mma(x, tl.trans(y), ACC, PREC, UPCAST) * s
+    if MASK_M:
+        logits = tl.where(rmask[:, None], logits, float("-inf"))
+        big = tl.max(tl.where(rmask, lse_x, float("-inf")), axis=0)
+        u = tl.where(rmask, tl.exp(lse_x - big), 0.0)
+    else:
+        big = tl.max(lse_x, axis=0)
+        u = tl.exp(lse_x - big)
+    if pad_cols:  # uniform per program: only the last column block
+        logits = tl.where((cols < N)[None, :], logits, float("-inf"))
+    g = _grad_weights(logits, lse_x, g_x, u, big - lse_y, lse_y, g_y, True, COL_TERM, ONE_EXP).to(x.dtype)
+    ptrs = dx_ptr + rows[:, None] * D + dd[None, :]
+    dx = _mma(g, y, ACC, PREC, UPCAST)
+    if MASK_M or not EVEN_D:
+        tl.atomic_add(ptrs, dx, mask=rmask[:, None] & (dd < D)[None, :], sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, dx, sem="relaxed")
+    return acc + _mma(tl.trans(g), x, ACC, PREC, UPCAST)
+
+
+@triton.jit
+def _fused_grad_kernel(
+    x_ptr, y_ptr, scale_ptr, lse_x_ptr, g_x_ptr, lse_y_ptr, g_y_ptr, dx_ptr, dy_ptr, M, N, D,
+    COL_TERM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_EXP: tl.constexpr,
+):
+    """Both gradients in one sweep (each logit formed once): with G_ij = g_x[i] exp(L_ij - lse_x[i])
+    + g_y[j] exp(L_ij - lse_y[j]) (the second term with COL_TERM), dy_j = sum_i G_ij x_i for this
+    program's column block, kept in registers and stored once, and dx_i += sum_j G_ij y_j added
+    into the zero-initialized fp32 dx by atomics (as FlashAttention-2 does for dQ): the order of
+    those additions varies run to run, so the host never picks this kernel under
+    torch.use_deterministic_algorithms."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    dd = tl.arange(0, BLOCK_D).to(tl.int64)
+    cmask = cols < N
+    y = _load_rows(y_ptr, cols, dd, N, D, EVEN_D)
+    s = tl.load(scale_ptr).to(ACC)
+    if COL_TERM:
+        lse_y = tl.load(lse_y_ptr + cols, mask=cmask, other=float("inf"))  # padded: no column term
+        g_y = tl.load(g_y_ptr + cols, mask=cmask, other=0.0)
+    else:  # placeholders, never read
+        lse_y = tl.zeros([BLOCK_N], ACC)
+        g_y = tl.zeros([BLOCK_N], ACC)
+    pad_cols = (tl.program_id(0).to(tl.int64) + 1) * BLOCK_N > N
+    acc = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    m_full = (M // BLOCK_M) * BLOCK_M
+    for i0 in range(0, m_full, BLOCK_M):
+        rows = i0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        acc = _fused_grad_step(x_ptr, rows, y, cols, dd, lse_x_ptr, g_x_ptr, lse_y, g_y, dx_ptr, acc, M, N, D, s,
+                               pad_cols, COL_TERM, ONE_EXP, False, EVEN_D, ACC, PREC, UPCAST)
+    if m_full < M:
+        rows = m_full + tl.arange(0, BLOCK_M).to(tl.int64)
+        acc = _fused_grad_step(x_ptr, rows, y, cols, dd, lse_x_ptr, g_x_ptr, lse_y, g_y, dx_ptr, acc, M, N, D, s,
+                               pad_cols, COL_TERM, ONE_EXP, True, EVEN_D, ACC, PREC, UPCAST)
+    ptrs = dy_ptr + cols[:, None] * D + dd[None, :]
+    if EVEN_D:
+        tl.store(ptrs, acc, mask=cmask[:, None])
+    else:
+        tl.store(ptrs, acc, mask=cmask[:, None] & (dd < D)[None, :])
+
+
 # --- configs -------------------------------------------------------------------------------------
 
 def _operand_dtype(z1: torch.Tensor, z2: torch.Tensor) -> torch.dtype:
@@ -430,14 +524,18 @@ def block_d(d: int) -> int:
 
 
 def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, ONE_EXP for "grad"]) to try for `kind`
-    ("lse" / "sym" / "grad"), padded width `bd` and operand dtype; the first is the default. Each
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, ONE_EXP for "grad" / "fused"]) to try for
+    `kind` ("lse" / "sym" / "grad" / "fused": the one-sweep backward, half operands only), padded
+    width `bd` and operand dtype; the first is the default. Each
     compiles for sm_90 on triton 3.9 without register spills (tests/tools/aot_compile_triton.py),
     except at bd = 512 (a few hundred bytes at most) and in the column-split variants (16 bytes at
     some widths). On triton 3.6 (the H100 lease's) the two-exp
     backward tiles spill at bd >= 256 (680 to 3480 bytes) and the one-exp ones do not, so those lead
     there. BLOCK_K < bd (forward only) streams the rows' features in chunks instead of keeping them
-    resident.
+    resident. The one-sweep backward keeps a BLOCK_N x bd accumulator and forms a BLOCK_M x bd
+    product per tile: only narrow tiles fit (spill-free on both versions at bd <= 128 and for
+    (16, 32) at 256; ~100 to 500 bytes otherwise), and its fp32 atomics (bd per BLOCK_N columns
+    per logit) grow as BLOCK_N shrinks, so it is a tuning candidate, never the default.
 
     fp32 and fp64 run IEEE products (not on the tensor cores) on 16 x 16 tiles; they spill registers
     at bd >= 128 (a few bytes there, up to a few KB at bd = 512: the resident rows and, backward,
@@ -446,8 +544,15 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
         # IEEE products: register-hungry, so small tiles. The forward and the backward form each
         # logit the same way (same column tile, features resident), so the backward's recomputed
         # logits equal the forward's bit for bit and softmax rows cancel exactly against labels.
-        return {"lse": [(16, 16, bd, 4, 2)], "sym": [(16, 16, bd, 8, 2)], "grad": [(16, 16, bd, 8, 2, False)]}[kind]
-    if kind == "sym":  # the column statistics take registers: narrower column tiles, features streamed
+        return {"lse": [(16, 16, bd, 4, 2)], "sym": [(16, 16, bd, 8, 2)], "grad": [(16, 16, bd, 8, 2, False)],
+                "fused": []}[kind]
+    if kind == "fused":  # one-sweep backward: a BLOCK_N x bd fp32 accumulator, a BLOCK_M x bd product
+        table = {64: [(64, 64, 64, 8, 2, True), (64, 32, 64, 8, 2, True)],
+                 128: [(32, 32, 128, 8, 2, True), (16, 64, 128, 8, 2, True)],
+                 256: [(16, 32, 256, 8, 2, True), (16, 64, 256, 8, 2, True), (32, 32, 256, 8, 2, True)],
+                 512: [(16, 32, 512, 8, 2, True)],  # spills ~100 B
+                 }.get(max(64, bd), [(16, 32, bd, 8, 2, True)])
+    elif kind == "sym":  # the column statistics take registers: narrower column tiles, features streamed
         table = {64: [(128, 32, 64, 8, 3), (64, 32, 64, 4, 3)],
                  128: [(128, 32, 128, 8, 3), (128, 32, 64, 8, 3), (64, 64, 64, 8, 3)],
                  256: [(128, 64, 64, 8, 3), (128, 32, 256, 8, 3), (128, 32, 64, 8, 3), (64, 64, 64, 8, 3)],
@@ -486,9 +591,9 @@ def _tuned(key: tuple, cands: list, run, logits: int, device: torch.device):
 def _meta(kind: str, cand: tuple) -> dict:
     bm, bn, bk, warps, stages = cand[:5]
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    if kind == "grad":
+    if kind in ("grad", "fused"):
         meta["ONE_EXP"] = cand[5]
-    else:
+    if kind in ("lse", "sym"):
         meta["BLOCK_K"] = bk
     return meta
 
@@ -592,6 +697,43 @@ def _grad(x, y, scale, lse_x, g_x, lse_y, g_y, row_term: bool, col_term: bool, a
     return _tuned(key, candidates("grad", bd, x.dtype), run, m * n, dev)
 
 
+_TWO_SWEEPS = ("two-sweeps",)  # the backward as one _grad sweep per gradient, the deterministic default
+
+
+def _grads_candidates(bd: int, op: torch.dtype) -> list:
+    """The backward's strategies: two sweeps first (the default), then the one-sweep tiles unless
+    torch.use_deterministic_algorithms is on (their atomics add in a varying order)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return [_TWO_SWEEPS]
+    return [_TWO_SWEEPS] + candidates("fused", bd, op)
+
+
+def _grads(x, y, scale, lse_x, g_x, lse_y, g_y, symmetric: bool, acc, cand=None):
+    """(d x, d y) = (G @ y, G.T @ x) with G_ij = g_x[i] exp(L_ij - lse_x[i]) (+ g_y[j] exp(L_ij -
+    lse_y[j]) when symmetric): one sweep per gradient (_TWO_SWEEPS, each tuned alone), or, where
+    timed faster on a GPU and nondeterminism is allowed, one sweep for both (_fused_grad_kernel,
+    half operands only: 6 instead of 8 B^2 D flops, d x through fp32 atomics). `cand` overrides."""
+    m, n, d = x.shape[0], y.shape[0], x.shape[1]
+    bd, dev = block_d(d), x.device
+
+    def run(cand):
+        if cand == _TWO_SWEEPS:
+            return (_grad(x, y, scale, lse_x, g_x, lse_y, g_y, True, symmetric, acc),
+                    _grad(y, x, scale, lse_y, g_y, lse_x, g_x, symmetric, True, acc))
+        dx = torch.zeros(x.shape, dtype=acc, device=dev)
+        dy = torch.empty(y.shape, dtype=acc, device=dev)
+        _fused_grad_kernel[(triton.cdiv(n, cand[1]),)](
+            x, y, scale, lse_x, g_x, lse_y, g_y, dx, dy, m, n, d, COL_TERM=symmetric, ACC=_tl_acc(acc),
+            PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype), EVEN_D=d == bd, BLOCK_D=bd, **_meta("fused", cand))
+        return dx, dy
+
+    if cand is not None:
+        return run(cand)
+    cands = _grads_candidates(bd, x.dtype)
+    key = ("grads", bd, x.dtype, symmetric, len(cands), m.bit_length(), n.bit_length())
+    return _tuned(key, cands, run, m * n, dev)
+
+
 def _prepare(z1, z2, normalize):
     """(a, b) in the accumulation dtype for the O(B D) terms and (ka, kb) in the dtype the kernels
     read; for half inputs a, b are ka, kb widened, so every term sees the same rows."""
@@ -659,8 +801,7 @@ def contrastive_backward(
     lse_row, lse_col = lse_row.to(acc).contiguous(), lse_col.to(acc).contiguous()
     lse_c = lse_col if symmetric else lse_row  # placeholders: never read without COL_TERM / ROW_TERM
     g_c = g_col if symmetric else g_row
-    ga = _grad(ka, kb, scale, lse_row, g_row, lse_c, g_c, True, symmetric, acc)
-    gb = _grad(kb, ka, scale, lse_c, g_c, lse_row, g_row, symmetric, True, acc)
+    ga, gb = _grads(ka, kb, scale, lse_row, g_row, lse_c, g_c, symmetric, acc)
     del ka, kb  # for half inputs a separate copy, no longer needed: the finishing terms read a, b
     return ref.finish_backward(
         z1, z2, a, b, scale, labels_row, labels_col, g_row, g_col, pos_weight, smooth_row, smooth_col,
@@ -670,7 +811,8 @@ def contrastive_backward(
 
 def aot_specs() -> list[tuple]:
     """(kernel, signature, constexprs, options, checks) the host code can launch: every tuning
-    candidate in bf16 (sm_90), the default config of every dtype and padded width (sm_80 and sm_90).
+    candidate in bf16 (sm_90), the default config of every dtype and padded width (sm_80 and sm_90;
+    the one-sweep backward, for half operands only, its first tile).
     `checks` names the targets and the register spill bytes tolerated (the 64 x 512 accumulators)."""
     specs = []
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -719,6 +861,19 @@ def aot_specs() -> list[tuple]:
                                   cx, {"num_warps": warps, "num_stages": stages},
                                   {"max_spill_bytes": max(checks["max_spill_bytes"], 64 if split else 0),
                                    "archs": (80, 90) if i == 0 and not split else (90,)}))
+            # the one-sweep backward (compiles slowly): every bf16 tile, the one-direction variant once,
+            # fp16 once (the code does not depend on the half type)
+            for i, (bm, bn, _, warps, stages, one_exp) in enumerate(candidates("fused", bd, op)):
+                if op == torch.float16 and (i or bd != 256):
+                    break
+                for col_term in (True, False) if i == 0 and bd == 64 else (True,):
+                    cx = {"COL_TERM": col_term, **base, "BLOCK_M": bm, "BLOCK_N": bn, "ONE_EXP": one_exp}
+                    sig = {"x_ptr": f"*{name}", "y_ptr": f"*{name}",
+                           **{p: f"*{aname}" for p in ("scale_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr",
+                                                       "dx_ptr", "dy_ptr")}}
+                    specs.append((_fused_grad_kernel, {**sig, **dims, **{k: "constexpr" for k in cx}}, cx,
+                                  {"num_warps": warps, "num_stages": stages},
+                                  {**checks, "archs": (80, 90) if i == 0 and op == torch.bfloat16 else (90,)}))
     for aname, acc in (("fp32", tl.float32), ("fp64", tl.float64)):
         cx = {"ACC": acc, "BLOCK": _REDUCE_BLOCK}
         sig = {**{p: f"*{aname}" for p in ("pm_ptr", "ps_ptr")}, "pa_ptr": "*i32", "lse_ptr": f"*{aname}",
