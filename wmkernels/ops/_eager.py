@@ -9,7 +9,9 @@ than eager PyTorch. So, outside torch.compile and for plain tensors, `autograd_o
 Python implementation and its registered setup_context / backward through an autograd.Function,
 and `call` runs a backward op's implementation directly. Traced tensors (FakeTensor,
 FunctionalTensor: subclasses of torch.Tensor), meta tensors and compiling always go through the
-custom op (its fake implementation gives the shapes).
+custom op (its fake implementation gives the shapes). The backward is not differentiable again:
+asking for it (create_graph=True, then backpropagating through the gradient) raises instead of
+silently leaving the gradient's own terms out (`_no_double_backward`).
 """
 from __future__ import annotations
 
@@ -34,6 +36,21 @@ def call(op, *args):
     return fn(*args) if fn is not None and _eager(args) else op(*args)
 
 
+def _no_double_backward(grads, name: str):
+    """Under create_graph=True: the gradients behind a node that raises when backpropagated
+    through. The backward ops have no autograd of their own, so a gradient penalty or a
+    second-order method through them would otherwise silently miss the gradient's own terms
+    (torch's once_differentiable adds this node only when the incoming gradient requires grad;
+    ours depend on the saved inputs too)."""
+    outs = grads if isinstance(grads, tuple) else (grads,)
+    err = torch._C._functions.DelayedError(
+        f"wmkernels {name}: no double backward (its gradient is not differentiable again); compute this term with "
+        "plain PyTorch where second derivatives are needed".encode(), len(outs))
+    aliases = [g.detach().requires_grad_() if isinstance(g, torch.Tensor) else g for g in outs]
+    out = err(*aliases)
+    return out if isinstance(grads, tuple) else out[0]
+
+
 def autograd_op(op, setup_context: Callable, backward: Callable) -> Callable:
     """Registers `backward` / `setup_context` as `op`'s autograd formula and returns a callable with
     `op`'s signature: the custom op under torch.compile, else an autograd.Function with the same
@@ -50,9 +67,12 @@ def autograd_op(op, setup_context: Callable, backward: Callable) -> Callable:
 
         @staticmethod
         def backward(ctx, *grads):
-            return backward(ctx, *grads)
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            return _no_double_backward(out, name) if torch.is_grad_enabled() else out
 
-    _Function.__name__ = f"{getattr(fn, '__name__', 'op')}_eager"
+    name = getattr(op, "_name", "op")  # the public name, e.g. "contrastive_loss"
+    _Function.__name__ = f"{name}_eager"
 
     def run(*args):
         return _Function.apply(*args) if fn is not None and _eager(args) else op(*args)
