@@ -12,7 +12,9 @@
 #   build), WMKERNELS_CUDA_ARCHS (80,90: the sm_ targets built), TEST_TIMEOUT (120 s), TESTS (test
 #   files; default the GPU-relevant ones), TEST_WORKERS (8, with pytest-xdist), PYTEST_ARGS (e.g.
 #   -k triton), BENCH_TIMEOUT (240 s), PROBE (batch sizes for benchmarks/probe_contrastive_gpu.py,
-#   65536; 0: skip), PROBE_TIMEOUT (90 s), RESULTS (default benchmarks/results/<gpu>-<date>), WHEELS
+#   65536; 0: skip), PROBE_TIMEOUT (90 s), DEADLINE (570 s: every step's timeout is cut so that the
+#   steps after it keep 300 / 240 / 80 s and the whole run ends within it, inside a 10-minute device
+#   call), RESULTS (default benchmarks/results/<gpu>-<date>), WHEELS
 #   (.whl), OUT (if set, a tarball of the results and the logs is copied there).
 # Peers are picked up when importable: carry Inf-CL as a wheel (pip download --no-deps inf_cl).
 set -uo pipefail
@@ -37,12 +39,17 @@ mkdir -p "$RES"
 echo "gpu_runner: results -> $RES"
 status=0
 t0=$SECONDS
+cap() {  # cap WANT RESERVE: WANT seconds, cut so that RESERVE seconds remain before DEADLINE (at least 10)
+  local left=$(( ${DEADLINE:-570} - (SECONDS - t0) - $2 ))
+  [ "$left" -lt 10 ] && left=10
+  echo $(( $1 < left ? $1 : left ))
+}
 
 echo "== build (nvcc for ${WMKERNELS_CUDA_ARCHS:-80,90}; log: $RES/build.log)"
 if [ "${BUILD_TIMEOUT:-200}" = 0 ]; then
   echo "skipped (BUILD_TIMEOUT=0): the cpu and cuda backends are unavailable" >"$RES/build.log"
 else
-  MAX_JOBS=${MAX_JOBS:-16} WMKERNELS_BUILD_EXT=1 timeout "${BUILD_TIMEOUT:-200}" \
+  MAX_JOBS=${MAX_JOBS:-16} WMKERNELS_BUILD_EXT=1 timeout "$(cap "${BUILD_TIMEOUT:-200}" 300)" \
     "$PY" setup.py build_ext --inplace >"$RES/build.log" 2>&1 || { echo "build failed or timed out" >&2; status=1; }
 fi
 tail -n 3 "$RES/build.log"
@@ -59,14 +66,14 @@ t1=$SECONDS
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-8}"  # pytest-xdist when present
 # shellcheck disable=SC2086
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest -m "not slow" -q -p no:cacheprovider $XDIST ${PYTEST_ARGS:-} $TESTS \
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout "$(cap "${TEST_TIMEOUT:-120}" 240)" "$PY" -m pytest -m "not slow" -q -p no:cacheprovider $XDIST ${PYTEST_ARGS:-} $TESTS \
   >"$RES/tests.log" 2>&1 || { echo "tests failed or timed out" >&2; status=1; }
 tail -n 15 "$RES/tests.log"
 echo "   tests took $((SECONDS - t1)) s"
 
 echo "== benchmark (log: $RES/bench.log)"
 t2=$SECONDS
-timeout "${BENCH_TIMEOUT:-240}" "$PY" -m wmkernels.bench --device cuda --out "$RES" "$@" \
+timeout "$(cap "${BENCH_TIMEOUT:-240}" 80)" "$PY" -m wmkernels.bench --device cuda --out "$RES" "$@" \
   >"$RES/bench.log" 2>&1 || { echo "benchmark failed or timed out (partial results kept)" >&2; status=1; }
 grep -E "^\[|failed|Error" "$RES/bench.log" | tail -n 20
 echo "   benchmark took $((SECONDS - t2)) s; total $((SECONDS - t0)) s"
@@ -75,7 +82,7 @@ echo "   benchmark took $((SECONDS - t2)) s; total $((SECONDS - t0)) s"
 echo "== contrastive kernel probe (log: $RES/probe.log)"
 if [ "${PROBE:-65536}" != 0 ]; then
   # shellcheck disable=SC2086
-  timeout "${PROBE_TIMEOUT:-90}" "$PY" benchmarks/probe_contrastive_gpu.py ${PROBE:-65536} >"$RES/probe.log" 2>&1 \
+  timeout "$(cap "${PROBE_TIMEOUT:-90}" 0)" "$PY" benchmarks/probe_contrastive_gpu.py ${PROBE:-65536} >"$RES/probe.log" 2>&1 \
     || { echo "probe failed or timed out" >&2; status=1; }
   tail -n 4 "$RES/probe.log"
 fi
