@@ -27,7 +27,8 @@ the GPU: warm up before capturing CUDA graphs, or set WMKERNELS_TUNE=0 for the d
 small problems and the interpreter use the first candidate. The symmetric forward also times two
 one-direction sweeps (`_SPLIT`) against the fused one. Tile shapes, the SM count and that choice
 change the order of the logsumexp updates, so results agree across them to rounding, not bit for
-bit (on one GPU and config, runs repeat exactly).
+bit (on one GPU and config, runs repeat exactly, except where the one-sweep backward's atomics were
+picked: torch.use_deterministic_algorithms(True) rules it out).
 """
 from __future__ import annotations
 
