@@ -192,7 +192,8 @@ def test_opcheck(backend):
 def test_compile_fullgraph(backend):
     dev = device_for(backend)  # the reference runs on CPU
     z1, z2 = torch.randn(10, 6).to(dev).requires_grad_(), torch.randn(10, 6).to(dev).requires_grad_()
-    fn = torch.compile(lambda a, b: wmkernels.contrastive_loss(a, b, backend=backend), fullgraph=True, backend="aot_eager")
+    fn = torch.compile(lambda a, b: wmkernels.contrastive_loss(a, b, backend=backend), fullgraph=True,
+                       backend="aot_eager")
     loss = fn(z1, z2)
     loss.backward()
     assert_close(loss.cpu(), reference(z1.cpu(), z2.cpu(), 1 / 0.07), torch.float32)

@@ -14,8 +14,9 @@ own row of P x N partials (12 bytes per entry in fp32), merged afterwards; one e
 both directions (see `_FAR`). Backward (`_grad_kernel`): the same sweep forms G = g_row P + g_col Q
 per tile (one exp per logit) and accumulates G @ y for its rows; launched for d a (rows a) and d b
 (rows b). Where timed faster (and nondeterminism is allowed), one sweep serves both
-(`_fused_grad_kernel`: each program keeps d b for its column block, d a is added by atomics). Few rows against many columns (a rank's rows against the gathered batch, or a small
-batch) would leave SMs idle, so the columns are then split across programs too (`_col_splits`),
+(`_fused_grad_kernel`: each program keeps d b for its column block, d a is added by atomics). Few
+rows against many columns (a rank's rows against the gathered batch, or a small batch) would leave
+SMs idle, so the columns are then split across programs too (`_col_splits`),
 whose partial row statistics / gradients are merged afterwards. Nothing B x B is stored: extra
 memory is the prepared rows, O(B) statistics and the P x N partials (the split backward: one
 M x D fp32 partial per split). Full column tiles run without masks; the last, partial one is
@@ -663,7 +664,8 @@ def _lse(x, y, scale, acc, cand=None, splits=None):
         lse, mx = torch.empty(m, dtype=acc, device=dev), torch.empty(m, dtype=acc, device=dev)
         arg = torch.empty(m, dtype=torch.int64, device=dev)
         if k == 1:
-            _lse_kernel[(programs, 1)](x, y, scale, lse, mx, arg, m, n, d, cols, **cx, **_meta("lse", cand), SPLIT=False)
+            _lse_kernel[(programs, 1)](x, y, scale, lse, mx, arg, m, n, d, cols, **cx, **_meta("lse", cand),
+                                       SPLIT=False)
             return lse, mx, arg
         pm, ps = torch.empty(k, m, dtype=acc, device=dev), torch.empty(k, m, dtype=acc, device=dev)
         pa = torch.empty(k, m, dtype=torch.int32, device=dev)
@@ -766,7 +768,8 @@ def _sym_lse(x, y, scale, acc, cand=None, splits=None):
         k, cols = _col_splits(p, n, cand[1], dev, splits)
         rows = [torch.empty(m, dtype=acc, device=dev), torch.empty(m, dtype=acc, device=dev),
                 torch.empty(m, dtype=torch.int64, device=dev)]
-        rparts = rows if k == 1 else [torch.empty(k, m, dtype=acc, device=dev), torch.empty(k, m, dtype=acc, device=dev),
+        rparts = rows if k == 1 else [torch.empty(k, m, dtype=acc, device=dev),
+                                      torch.empty(k, m, dtype=acc, device=dev),
                                       torch.empty(k, m, dtype=torch.int32, device=dev)]
         pm, ps = torch.empty(p, n, dtype=acc, device=dev), torch.empty(p, n, dtype=acc, device=dev)
         pa = torch.empty(p, n, dtype=torch.int32, device=dev)
@@ -785,7 +788,8 @@ def _sym_lse(x, y, scale, acc, cand=None, splits=None):
     return _tuned(key, candidates("sym", bd, x.dtype) + [_SPLIT], run, m * n, dev)
 
 
-def contrastive_forward(z1, z2, scale, labels_row, labels_col, pos_weight, smooth_row, smooth_col, normalize, symmetric):
+def contrastive_forward(z1, z2, scale, labels_row, labels_col, pos_weight, smooth_row, smooth_col, normalize,
+                        symmetric):
     acc, a, b, ka, kb = _prepare(z1, z2, normalize)
     scale = scale.to(acc).contiguous()
     core = _sym_lse(ka, kb, scale, acc) if symmetric else _lse(ka, kb, scale, acc) + (None, None, None)
@@ -813,7 +817,7 @@ def contrastive_backward(
 def aot_specs() -> list[tuple]:
     """(kernel, signature, constexprs, options, checks) the host code can launch: every tuning
     candidate in bf16 (sm_90), the default config of every dtype and padded width (sm_80 and sm_90;
-    the one-sweep backward, for half operands only, its first tile).
+    the one-sweep backward, half operands only: its first bf16 tile, and fp16 once).
     `checks` names the targets and the register spill bytes tolerated (the 64 x 512 accumulators)."""
     specs = []
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
