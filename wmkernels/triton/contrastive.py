@@ -481,8 +481,12 @@ def _fused_grad_kernel(
         g_y = tl.zeros([BLOCK_N], ACC)
     pad_cols = (tl.program_id(0).to(tl.int64) + 1) * BLOCK_N > N
     acc = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    m_full = (M // BLOCK_M) * BLOCK_M
-    for i0 in range(0, m_full, BLOCK_M):
+    n_full = M // BLOCK_M
+    m_full = n_full * BLOCK_M
+    for k in range(0, n_full):
+        # each program starts at its own row block (wrapping around), so that programs running at the
+        # same time add into different rows of dx instead of all contending for the same ones
+        i0 = ((k + tl.program_id(0).to(tl.int64)) % n_full) * BLOCK_M
         rows = i0 + tl.arange(0, BLOCK_M).to(tl.int64)
         acc = _fused_grad_step(x_ptr, rows, y, cols, dd, lse_x_ptr, g_x_ptr, lse_y, g_y, dx_ptr, acc, M, N, D, s,
                                pad_cols, COL_TERM, ONE_EXP, False, EVEN_D, ACC, PREC, UPCAST)
