@@ -62,14 +62,21 @@ def _cuda_status() -> BackendStatus:
     return BackendStatus(True, ("cuda",), "CUDA kernels built")
 
 
-def available_backends() -> dict[str, BackendStatus]:
-    """Every backend with whether this install can run it, on which devices, and why not."""
+@functools.cache
+def _statuses() -> dict[str, BackendStatus]:
+    """Computed once per process (each part is fixed once first asked: the extension loads or not
+    once, Triton's mode is read when its kernels are decorated); `resolve` runs on every op call."""
     return {
         "triton": _triton_status(),
         "cuda": _cuda_status(),
         "cpu": _cpu_status(),
         "torch": BackendStatus(True, ("cpu", "cuda", "any"), "reference, always available"),
     }
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Every backend with whether this install can run it, on which devices, and why not."""
+    return dict(_statuses())
 
 
 _DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
@@ -92,7 +99,7 @@ def resolve(op: str, supported: tuple[str, ...], device: torch.device, backend: 
     Under torch.compile the choice is made once, at trace time.
     """
     explicit = backend if backend is not None else os.environ.get(ENV_VAR) or None
-    status = available_backends()
+    status = _statuses()
     if explicit is not None:
         if explicit not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {explicit!r}")

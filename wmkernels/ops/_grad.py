@@ -9,5 +9,5 @@ def is_one_on_cpu(t: torch.Tensor) -> bool:
     forward pass at grad_output = 1 is returned without a scaling pass. Never asked while tracing
     (the value is data: a traced tensor is a subclass such as FakeTensor / FunctionalTensor, which
     older torch versions' AOT backward tracing does not flag as compiling) or on a GPU (a sync)."""
-    return (type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
-            and t.numel() == 1 and bool(t == 1))
+    return (type(t) is torch.Tensor and t.device.type == "cpu" and t.numel() == 1
+            and not torch.compiler.is_compiling() and t.item() == 1)
