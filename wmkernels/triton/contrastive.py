@@ -543,6 +543,12 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
     (16, 32) at 256; ~100 to 500 bytes otherwise), and its fp32 atomics (bd per BLOCK_N columns
     per logit) grow as BLOCK_N shrinks, so it is a tuning candidate, never the default.
 
+    Hopper's wgmma needs 64 rows per warp group: a tile with BLOCK_M < 64 (in the one-sweep
+    backward also BLOCK_N < 64, the rows of its G.T @ x) compiles to mma.sync only, the older and
+    slower tensor-core path (checked in the sm_90 PTX). Among the above that is the two-sweep
+    backward's (32, 32) tiles and every one-sweep tile but its 64 x 64 ones, which use wgmma and pay
+    for it in spills at bd >= 128 (280 / 400 bytes at 128, 872 / 2860 at 256, triton 3.9 / 3.6).
+
     fp32 and fp64 run IEEE products (not on the tensor cores) on 16 x 16 tiles; they spill registers
     at bd >= 128 (a few bytes there, up to a few KB at bd = 512: the resident rows and, backward,
     a 16 x bd accumulator per program)."""
@@ -554,8 +560,9 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
                 "fused": []}[kind]
     if kind == "fused":  # one-sweep backward: a BLOCK_N x bd fp32 accumulator, a BLOCK_M x bd product
         table = {64: [(64, 64, 64, 8, 2, True), (64, 32, 64, 8, 2, True)],
-                 128: [(32, 32, 128, 8, 2, True), (16, 64, 128, 8, 2, True)],
-                 256: [(16, 32, 256, 8, 2, True), (16, 64, 256, 8, 2, True), (32, 32, 256, 8, 2, True)],
+                 128: [(32, 32, 128, 8, 2, True), (16, 64, 128, 8, 2, True), (64, 64, 128, 8, 2, True)],
+                 256: [(16, 32, 256, 8, 2, True), (16, 64, 256, 8, 2, True), (32, 32, 256, 8, 2, True),
+                       (64, 64, 256, 8, 2, True)],
                  512: [(16, 32, 512, 8, 2, True)],  # spills ~100 B
                  }.get(max(64, bd), [(16, 32, bd, 8, 2, True)])
     elif kind == "sym":  # the column statistics take registers: narrower column tiles, features streamed
@@ -880,9 +887,11 @@ def aot_specs() -> list[tuple]:
                     sig = {"x_ptr": f"*{name}", "y_ptr": f"*{name}",
                            **{p: f"*{aname}" for p in ("scale_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr",
                                                        "dx_ptr", "dy_ptr")}}
+                    wgmma = bm >= 64 and bn >= 64 and bd >= 128  # the wgmma tiles spill (see candidates)
                     specs.append((_fused_grad_kernel, {**sig, **dims, **{k: "constexpr" for k in cx}}, cx,
                                   {"num_warps": warps, "num_stages": stages},
-                                  {**checks, "archs": (80, 90) if i == 0 and op == torch.bfloat16 else (90,)}))
+                                  {"max_spill_bytes": 1024 if wgmma else checks["max_spill_bytes"],
+                                   "archs": (80, 90) if i == 0 and op == torch.bfloat16 else (90,)}))
     for aname, acc in (("fp32", tl.float32), ("fp64", tl.float64)):
         cx = {"ACC": acc, "BLOCK": _REDUCE_BLOCK}
         sig = {**{p: f"*{aname}" for p in ("pm_ptr", "ps_ptr")}, "pa_ptr": "*i32", "lse_ptr": f"*{aname}",
