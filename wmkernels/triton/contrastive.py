@@ -532,16 +532,18 @@ def block_d(d: int) -> int:
 def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, ONE_EXP for "grad" / "fused"]) to try for
     `kind` ("lse" / "sym" / "grad" / "fused": the one-sweep backward, half operands only), padded
-    width `bd` and operand dtype; the first is the default. Each
-    compiles for sm_90 on triton 3.9 without register spills (tests/tools/aot_compile_triton.py),
-    except at bd = 512 (a few hundred bytes at most) and in the column-split variants (16 bytes at
-    some widths). On triton 3.6 (the H100 lease's) the two-exp
-    backward tiles spill at bd >= 256 (680 to 3480 bytes) and the one-exp ones do not, so those lead
-    there. BLOCK_K < bd (forward only) streams the rows' features in chunks instead of keeping them
-    resident. The one-sweep backward keeps a BLOCK_N x bd accumulator and forms a BLOCK_M x bd
-    product per tile: only narrow tiles fit (spill-free on both versions at bd <= 128 and for
-    (16, 32) at 256; ~100 to 500 bytes otherwise), and its fp32 atomics (bd per BLOCK_N columns
-    per logit) grow as BLOCK_N shrinks, so it is a tuning candidate, never the default.
+    width `bd` and operand dtype; the first is the default. BLOCK_K < bd (forward only) streams the
+    rows' features in chunks instead of keeping them resident.
+
+    Register spills (sm_90, tests/tools/aot_compile_triton.py enforces the triton 3.9 figures): on
+    triton 3.9 none, except at bd = 512 (a few hundred bytes at most), in the column-split variants
+    (16 bytes at some widths) and in the one-sweep 64 x 64 tiles (below). On triton 3.6 (the H100
+    lease's) the two-exp backward tiles spill at bd >= 256 (680 to 3480 bytes) and the one-exp ones
+    at most 96 bytes (720 for the 64 x 16 tile at bd = 512), so those lead there. The one-sweep
+    backward keeps a BLOCK_N x bd accumulator and forms a BLOCK_M x bd product per tile: only narrow
+    tiles fit (spill-free on both versions at bd <= 128 and for (16, 32) at 256; ~100 to 500 bytes
+    otherwise), and its fp32 atomics (bd per BLOCK_N columns per logit) grow as BLOCK_N shrinks, so
+    it is a tuning candidate, never the default.
 
     Hopper's wgmma needs 64 rows per warp group: a tile with BLOCK_M < 64 (in the one-sweep
     backward also BLOCK_N < 64, the rows of its G.T @ x) compiles to mma.sync only, the older and
@@ -577,13 +579,13 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
                  256: [(128, 64, 256, 8, 2), (128, 128, 256, 8, 2), (64, 64, 256, 4, 3)],
                  512: [(64, 64, 128, 4, 3), (128, 32, 512, 8, 2), (64, 32, 512, 4, 3)],  # spills <= 64 B
                  }.get(max(64, bd), [(64, 64, 128, 4, 3)])
-    else:  # the last field: ONE_EXP (see _grad_tile); the ONE_EXP entries are spill-free on triton 3.6 and 3.9
+    else:  # the last field: ONE_EXP (see _grad_weights); those entries spill <= 96 B on triton 3.6 but at 512
         table = {64: [(128, 64, 64, 8, 2, False), (64, 64, 64, 4, 3, False), (128, 32, 64, 8, 2, True)],
                  128: [(64, 64, 128, 4, 3, False), (64, 64, 128, 8, 2, False), (64, 32, 128, 4, 3, True)],
-                 256: [(64, 16, 256, 8, 2, True), (32, 32, 256, 4, 2, True), (64, 32, 256, 4, 2, False),
-                       (128, 32, 256, 8, 2, False)],
-                 512: [(32, 32, 512, 8, 2, True), (64, 16, 512, 8, 2, False),  # 64 x 512 fp32 accumulator spills
-                       (64, 32, 512, 8, 2, False)],
+                 256: [(64, 16, 256, 8, 2, True), (64, 32, 256, 8, 2, True), (32, 32, 256, 4, 2, True),
+                       (64, 32, 256, 4, 2, False), (128, 32, 256, 8, 2, False)],
+                 512: [(32, 32, 512, 8, 2, True), (64, 16, 512, 8, 2, True),  # wgmma; 720 B spills on 3.6
+                       (64, 16, 512, 8, 2, False), (64, 32, 512, 8, 2, False)],  # (64 x 512 fp32 accumulators)
                  }.get(max(64, bd), [(32, 16, bd, 8, 1, False)])
     return [(bm, bn, min(bk, bd), *rest) for bm, bn, bk, *rest in table]  # BLOCK_K <= padded D
 
