@@ -45,8 +45,9 @@ def spills(ptx: str, arch: int) -> int:
 
 
 def compile_spec(name: str, index: int) -> None:
-    """Compiles spec `index` of module `name` for its targets; raises on a missing cubin or on
-    register spills beyond the spec's allowance."""
+    """Compiles spec `index` of module `name` for its targets; raises on a missing cubin, on
+    register spills beyond the spec's allowance, or on tensor-core code without Hopper's wgmma
+    where the spec expects it."""
     spec = importlib.import_module(name).aot_specs()[index]
     fn, sig, cx = spec[:3]
     options = spec[3] if len(spec) > 3 else {}  # num_warps / num_stages the host code launches with
@@ -60,6 +61,8 @@ def compile_spec(name: str, index: int) -> None:
     n = spills(compiled.asm["ptx"], archs[-1])
     if n > checks.get("max_spill_bytes", 0):
         raise RuntimeError(f"{name}.{fn.__name__} {cx} {options}: {n} bytes of register spills on sm_{archs[-1]}")
+    if checks.get("wgmma") and archs[-1] >= 90 and "wgmma.mma_async" not in compiled.asm["ptx"]:
+        raise RuntimeError(f"{name}.{fn.__name__} {cx} {options}: no wgmma in the sm_{archs[-1]} code (mma.sync only)")
 
 
 def main(modules: list[str]) -> int:

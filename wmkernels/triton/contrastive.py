@@ -831,7 +831,8 @@ def aot_specs() -> list[tuple]:
     """(kernel, signature, constexprs, options, checks) the host code can launch: every tuning
     candidate in bf16 (sm_90), the default config of every dtype and padded width (sm_80 and sm_90;
     the one-sweep backward, half operands only: its first bf16 tile, and fp16 once).
-    `checks` names the targets and the register spill bytes tolerated (the 64 x 512 accumulators)."""
+    `checks` names the targets, the register spill bytes tolerated (the 64 x 512 accumulators) and
+    whether the sm_90 code must use wgmma (the half-operand tiles with 64 rows per warp group)."""
     specs = []
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
     dims = {"M": "i64", "N": "i64", "D": "i64"}
@@ -863,7 +864,8 @@ def aot_specs() -> list[tuple]:
                         specs.append((kernel, {**sig, **{k: "constexpr" for k in cx}}, cx,
                                       {"num_warps": warps, "num_stages": stages},
                                       {"max_spill_bytes": max(checks["max_spill_bytes"], 64 if split else 0),
-                                       "archs": (80, 90) if i == 0 and not split else (90,)}))
+                                       "archs": (80, 90) if i == 0 and not split else (90,),
+                                       "wgmma": not wide and bm >= 64}))
             for i, (bm, bn, _, warps, stages, one_exp) in enumerate(candidates("grad", bd, op)):
                 if i and op != torch.bfloat16:
                     break
@@ -878,7 +880,8 @@ def aot_specs() -> list[tuple]:
                     specs.append((_grad_kernel, {**sig, **dims, "split_cols": "i64", **{k: "constexpr" for k in cx}},
                                   cx, {"num_warps": warps, "num_stages": stages},
                                   {"max_spill_bytes": max(checks["max_spill_bytes"], 64 if split else 0),
-                                   "archs": (80, 90) if i == 0 and not split else (90,)}))
+                                   "archs": (80, 90) if i == 0 and not split else (90,),
+                                   "wgmma": not wide and bm >= 64}))
             # the one-sweep backward (compiles slowly): every bf16 tile, the one-direction variant once,
             # fp16 once (the code does not depend on the half type)
             for i, (bm, bn, _, warps, stages, one_exp) in enumerate(candidates("fused", bd, op)):
@@ -889,11 +892,12 @@ def aot_specs() -> list[tuple]:
                     sig = {"x_ptr": f"*{name}", "y_ptr": f"*{name}",
                            **{p: f"*{aname}" for p in ("scale_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr",
                                                        "dx_ptr", "dy_ptr")}}
-                    wgmma = bm >= 64 and bn >= 64 and bd >= 128  # the wgmma tiles spill (see candidates)
+                    wgmma = bm >= 64 and bn >= 64  # at bd >= 128 these spill (see candidates)
                     specs.append((_fused_grad_kernel, {**sig, **dims, **{k: "constexpr" for k in cx}}, cx,
                                   {"num_warps": warps, "num_stages": stages},
-                                  {"max_spill_bytes": 1024 if wgmma else checks["max_spill_bytes"],
-                                   "archs": (80, 90) if i == 0 and op == torch.bfloat16 else (90,)}))
+                                  {"max_spill_bytes": 1024 if wgmma and bd >= 128 else checks["max_spill_bytes"],
+                                   "archs": (80, 90) if i == 0 and op == torch.bfloat16 else (90,),
+                                   "wgmma": wgmma}))
     for aname, acc in (("fp32", tl.float32), ("fp64", tl.float64)):
         cx = {"ACC": acc, "BLOCK": _REDUCE_BLOCK}
         sig = {**{p: f"*{aname}" for p in ("pm_ptr", "ps_ptr")}, "pa_ptr": "*i32", "lse_ptr": f"*{aname}",
