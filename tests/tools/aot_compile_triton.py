@@ -1,6 +1,9 @@
 """Compiles every Triton kernel wmkernels ships, for each dtype and config it launches with,
 ahead of time to PTX and cubin for sm_80 and sm_90 (no GPU needed). Run without
-TRITON_INTERPRET: the interpreter accepts code that real Triton rejects.
+TRITON_INTERPRET: the interpreter accepts code that real Triton rejects. The last target of each
+spec (sm_90) gets the launcher's aligned specialization (`aligned_attrs`), the variant that runs
+at scale, and its register spills and tensor-core instructions are checked there; earlier targets
+compile the unspecialized variant.
 
 Usage: python aot_compile_triton.py MODULE [MODULE ...]; prints one line per module and fails
 on the first kernel that does not compile or spills registers.
@@ -44,6 +47,15 @@ def spills(ptx: str, arch: int) -> int:
     return sum(int(n) for n in found)
 
 
+def aligned_attrs(fn, signature: dict, divisible=()) -> dict:
+    """The specialization Triton's launcher compiles in the common case: every pointer 16-byte
+    aligned (fresh torch allocations are) and the named integer arguments divisible by 16. Loads
+    vectorize and pipeline (cp.async) only under it, which changes register use: spill and wgmma
+    checks are made on this variant, the one that runs at scale."""
+    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
+            if t.startswith("*") or n in divisible}
+
+
 def compile_spec(name: str, index: int) -> None:
     """Compiles spec `index` of module `name` for its targets; raises on a missing cubin, on
     register spills beyond the spec's allowance, or on tensor-core code without Hopper's wgmma
@@ -53,8 +65,9 @@ def compile_spec(name: str, index: int) -> None:
     options = spec[3] if len(spec) > 3 else {}  # num_warps / num_stages the host code launches with
     checks = spec[4] if len(spec) > 4 else {}  # targets, tolerated spill bytes
     archs = checks.get("archs", ARCHS)
-    for arch in archs:
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx),
+    for arch in archs:  # the earlier targets without alignment assumptions, the last one with them
+        attrs = aligned_attrs(fn, sig, checks.get("divisible", ())) if arch == archs[-1] else {}
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs),
                                   target=GPUTarget("cuda", arch, 32), options=options)
         if "cubin" not in compiled.asm:
             raise RuntimeError(f"{name}.{fn.__name__} {cx}: no cubin for sm_{arch}")

@@ -50,6 +50,7 @@ _REDUCE_BLOCK = 256  # columns per program of the partials' reduction
 # column's max stays >= exp(-57), a normal float. Typical scales (up to ~20) never reach it.
 _FAR: tl.constexpr = tl.constexpr(40.0)
 _picked: dict[tuple, tuple] = {}
+_DIVISIBLE = ("M", "N", "D", "split_cols")  # sizes divisible by 16 in the ahead-of-time compiles (aot_specs)
 
 
 @triton.jit
@@ -423,7 +424,8 @@ def _fused_grad_step(x_ptr, rows, y, cols, dd, lse_x_ptr, g_x_ptr, lse_y, g_y, d
     """One row block of the one-sweep backward: the tile's G (see _grad_weights), G @ y added into
     dx by atomics, acc + G.T @ x returned. Rows past M (MASK_M) and padded columns (`pad_cols`,
     the last column block) get -inf logits, so G is 0 there. (Reading y per row block and adding
-    G @ y in feature chunks, to free registers, spilled far more at every tile tried.)"""
+    G @ y in feature chunks, to free registers, spilled far more at every tile tried, in the
+    unaligned specialization.)"""
     rmask = rows < M
     if MASK_M:
         x = _load_rows(x_ptr, rows, dd, M, D, EVEN_D)
@@ -535,25 +537,25 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
     width `bd` and operand dtype; the first is the default. BLOCK_K < bd (forward only) streams the
     rows' features in chunks instead of keeping them resident.
 
-    Register spills (sm_90, tests/tools/aot_compile_triton.py enforces the triton 3.9 figures): on
-    triton 3.9 none, except at bd = 512 (a few hundred bytes at most), in the column-split variants
-    (16 bytes at some widths) and in the one-sweep 64 x 64 tiles (below). On triton 3.6 (the H100
-    lease's) the two-exp backward tiles spill at bd >= 256 (680 to 3480 bytes) and the one-exp ones
-    at most 96 bytes (720 for the 64 x 16 tile at bd = 512), so those lead there. The one-sweep
-    backward keeps a BLOCK_N x bd accumulator and forms a BLOCK_M x bd product per tile: only narrow
-    tiles fit (spill-free on both versions at bd <= 128 and for (16, 32) at 256; ~100 to 500 bytes
-    otherwise), and its fp32 atomics (bd per BLOCK_N columns per logit) grow as BLOCK_N shrinks, so
-    it is a tuning candidate, never the default.
+    Register spills, sm_90, in the launcher's aligned specialization (16-byte aligned rows, B and D
+    multiples of 16: what runs at scale; tests/tools/aot_compile_triton.py enforces the triton 3.9
+    figures): the half-operand tiles are spill-free on triton 3.9 and 3.6 except the symmetric
+    (128, 64, 64) tiles at bd 256 / 512 (72 / 264 bytes on 3.9, 16 / 148 on 3.6), the two-exp
+    (64, 32) backward tile at 512 (32 / 0) and the one-sweep (16, 32) tile at 512 (64 / 128).
+    Unaligned operands compile another specialization without vectorized, pipelined loads, which
+    spills more (up to ~3.5 KB for the two-exp backward tiles on 3.6). The one-sweep backward keeps
+    a BLOCK_N x bd accumulator and forms a BLOCK_M x bd product per tile, and its fp32 atomics (bd
+    per BLOCK_N columns per logit) grow as BLOCK_N shrinks: a tuning candidate, never the default.
 
     Hopper's wgmma needs 64 rows per warp group: a tile with BLOCK_M < 64 (in the one-sweep
     backward also BLOCK_N < 64, the rows of its G.T @ x) compiles to mma.sync only, the older and
     slower tensor-core path (checked in the sm_90 PTX). Among the above that is the two-sweep
-    backward's (32, 32) tiles and every one-sweep tile but its 64 x 64 ones, which use wgmma and pay
-    for it in spills at bd >= 128 (280 / 400 bytes at 128, 872 / 2860 at 256, triton 3.9 / 3.6).
+    backward's (32, 32) tiles and every one-sweep tile but its 64 x 64 ones. The AOT test requires
+    wgmma of every half-operand tile with 64-row warp groups.
 
     fp32 and fp64 run IEEE products (not on the tensor cores) on 16 x 16 tiles; they spill registers
-    at bd >= 128 (a few bytes there, up to a few KB at bd = 512: the resident rows and, backward,
-    a 16 x bd accumulator per program)."""
+    at bd >= 128 (up to a few hundred bytes there, up to ~7.5 KB at bd = 512: the resident rows and,
+    backward, a 16 x bd accumulator per program)."""
     if op in (torch.float32, torch.float64):
         # IEEE products: register-hungry, so small tiles. The forward and the backward form each
         # logit the same way (same column tile, features resident), so the backward's recomputed
@@ -565,13 +567,13 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
                  128: [(32, 32, 128, 8, 2, True), (16, 64, 128, 8, 2, True), (64, 64, 128, 8, 2, True)],
                  256: [(16, 32, 256, 8, 2, True), (16, 64, 256, 8, 2, True), (32, 32, 256, 8, 2, True),
                        (64, 64, 256, 8, 2, True)],
-                 512: [(16, 32, 512, 8, 2, True)],  # spills ~100 B
+                 512: [(16, 32, 512, 8, 2, True)],  # spills 64 / 128 B (triton 3.9 / 3.6)
                  }.get(max(64, bd), [(16, 32, bd, 8, 2, True)])
     elif kind == "sym":  # the column statistics take registers: narrower column tiles, features streamed
         table = {64: [(128, 32, 64, 8, 3), (64, 32, 64, 4, 3)],
                  128: [(128, 32, 128, 8, 3), (128, 32, 64, 8, 3), (64, 64, 64, 8, 3)],
-                 256: [(128, 64, 64, 8, 3), (128, 32, 256, 8, 3), (128, 32, 64, 8, 3), (64, 64, 64, 8, 3)],
-                 512: [(128, 64, 64, 8, 3), (128, 32, 128, 8, 3), (128, 32, 64, 8, 3), (64, 32, 128, 8, 3)],
+                 256: [(128, 32, 256, 8, 3), (128, 64, 64, 8, 3), (128, 32, 64, 8, 3), (64, 64, 64, 8, 3)],
+                 512: [(128, 32, 128, 8, 3), (128, 64, 64, 8, 3), (128, 32, 64, 8, 3), (64, 32, 128, 8, 3)],
                  }.get(max(64, bd), [(64, 32, 64, 4, 3)])
     elif kind == "lse":
         table = {64: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3)],
@@ -579,13 +581,13 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
                  256: [(128, 64, 256, 8, 2), (128, 128, 256, 8, 2), (64, 64, 256, 4, 3)],
                  512: [(64, 64, 128, 4, 3), (128, 32, 512, 8, 2), (64, 32, 512, 4, 3)],  # spills <= 64 B
                  }.get(max(64, bd), [(64, 64, 128, 4, 3)])
-    else:  # the last field: ONE_EXP (see _grad_weights); those entries spill <= 96 B on triton 3.6 but at 512
+    else:  # the last field: ONE_EXP (see _grad_weights)
         table = {64: [(128, 64, 64, 8, 2, False), (64, 64, 64, 4, 3, False), (128, 32, 64, 8, 2, True)],
                  128: [(64, 64, 128, 4, 3, False), (64, 64, 128, 8, 2, False), (64, 32, 128, 4, 3, True)],
                  256: [(64, 16, 256, 8, 2, True), (64, 32, 256, 8, 2, True), (32, 32, 256, 4, 2, True),
                        (64, 32, 256, 4, 2, False), (128, 32, 256, 8, 2, False)],
-                 512: [(32, 32, 512, 8, 2, True), (64, 16, 512, 8, 2, True),  # wgmma; 720 B spills on 3.6
-                       (64, 16, 512, 8, 2, False), (64, 32, 512, 8, 2, False)],  # (64 x 512 fp32 accumulators)
+                 512: [(32, 32, 512, 8, 2, True), (64, 16, 512, 8, 2, True),
+                       (64, 16, 512, 8, 2, False), (64, 32, 512, 8, 2, False)],
                  }.get(max(64, bd), [(32, 16, bd, 8, 1, False)])
     return [(bm, bn, min(bk, bd), *rest) for bm, bn, bk, *rest in table]  # BLOCK_K <= padded D
 
@@ -831,8 +833,9 @@ def aot_specs() -> list[tuple]:
     """(kernel, signature, constexprs, options, checks) the host code can launch: every tuning
     candidate in bf16 (sm_90), the default config of every dtype and padded width (sm_80 and sm_90;
     the one-sweep backward, half operands only: its first bf16 tile, and fp16 once).
-    `checks` names the targets, the register spill bytes tolerated (the 64 x 512 accumulators) and
-    whether the sm_90 code must use wgmma (the half-operand tiles with 64 rows per warp group)."""
+    `checks` names the targets, the register spill bytes tolerated, whether the sm_90 code must use
+    wgmma (the half-operand tiles with 64 rows per warp group) and the integer arguments the
+    launcher sees divisible by 16 at scale (B and D multiples of 16)."""
     specs = []
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
     dims = {"M": "i64", "N": "i64", "D": "i64"}
@@ -842,7 +845,17 @@ def aot_specs() -> list[tuple]:
         for bd in (64, 128, 256, 512) if op != torch.float64 else (64, 256):
             base = {"ACC": _tl_acc(acc), "PREC": _precision(op), "UPCAST": False, "EVEN_D": True, "BLOCK_D": bd}
             wide = op in (torch.float32, torch.float64)
-            checks = {"max_spill_bytes": 8192 if wide and bd >= 128 else 256 if wide or bd >= 512 else 0}
+
+            def checks(i, archs, wgmma, split=False):
+                """Default tiles (i == 0) spill-free in half precision below bd = 512 (256 bytes at
+                512), tuning candidates up to 512 bytes (spilling tiles have won on the H100: the
+                tuner decides); fp32 / fp64 IEEE tiles as noted in `candidates`."""
+                if wide:
+                    spill = 8192 if bd >= 128 else 256
+                else:
+                    spill = 512 if i else 256 if bd >= 512 else 0
+                return {"max_spill_bytes": max(spill, 64 if split else 0), "archs": archs, "wgmma": wgmma,
+                        "divisible": _DIVISIBLE}
             # the split variants (partials written): bf16 default configs (the code does not depend on
             # the operand dtype; what a rank's local rows against the gathered batch launch with)
             fwd_ptrs = {"x_ptr": f"*{name}", "y_ptr": f"*{name}", "scale_ptr": f"*{aname}"}
@@ -863,9 +876,8 @@ def aot_specs() -> list[tuple]:
                             kernel, sig = _sym_lse_kernel, sym_sig[split]
                         specs.append((kernel, {**sig, **{k: "constexpr" for k in cx}}, cx,
                                       {"num_warps": warps, "num_stages": stages},
-                                      {"max_spill_bytes": max(checks["max_spill_bytes"], 64 if split else 0),
-                                       "archs": (80, 90) if i == 0 and not split else (90,),
-                                       "wgmma": not wide and bm >= 64}))
+                                      checks(i, (80, 90) if i == 0 and not split else (90,), not wide and bm >= 64,
+                                             split)))
             for i, (bm, bn, _, warps, stages, one_exp) in enumerate(candidates("grad", bd, op)):
                 if i and op != torch.bfloat16:
                     break
@@ -879,9 +891,7 @@ def aot_specs() -> list[tuple]:
                                                        "out_ptr")}}
                     specs.append((_grad_kernel, {**sig, **dims, "split_cols": "i64", **{k: "constexpr" for k in cx}},
                                   cx, {"num_warps": warps, "num_stages": stages},
-                                  {"max_spill_bytes": max(checks["max_spill_bytes"], 64 if split else 0),
-                                   "archs": (80, 90) if i == 0 and not split else (90,),
-                                   "wgmma": not wide and bm >= 64}))
+                                  checks(i, (80, 90) if i == 0 and not split else (90,), not wide and bm >= 64, split)))
             # the one-sweep backward (compiles slowly): every bf16 tile, the one-direction variant once,
             # fp16 once (the code does not depend on the half type)
             for i, (bm, bn, _, warps, stages, one_exp) in enumerate(candidates("fused", bd, op)):
@@ -892,15 +902,13 @@ def aot_specs() -> list[tuple]:
                     sig = {"x_ptr": f"*{name}", "y_ptr": f"*{name}",
                            **{p: f"*{aname}" for p in ("scale_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr",
                                                        "dx_ptr", "dy_ptr")}}
-                    wgmma = bm >= 64 and bn >= 64  # at bd >= 128 these spill (see candidates)
                     specs.append((_fused_grad_kernel, {**sig, **dims, **{k: "constexpr" for k in cx}}, cx,
                                   {"num_warps": warps, "num_stages": stages},
-                                  {"max_spill_bytes": 1024 if wgmma and bd >= 128 else checks["max_spill_bytes"],
-                                   "archs": (80, 90) if i == 0 and op == torch.bfloat16 else (90,),
-                                   "wgmma": wgmma}))
+                                  checks(i, (80, 90) if i == 0 and op == torch.bfloat16 else (90,),
+                                         bm >= 64 and bn >= 64)))
     for aname, acc in (("fp32", tl.float32), ("fp64", tl.float64)):
         cx = {"ACC": acc, "BLOCK": _REDUCE_BLOCK}
         sig = {**{p: f"*{aname}" for p in ("pm_ptr", "ps_ptr")}, "pa_ptr": "*i32", "lse_ptr": f"*{aname}",
                "max_ptr": f"*{aname}", "arg_ptr": "*i64", "N": "i64", "P": "i32"}
-        specs.append((_col_reduce_kernel, {**sig, **{k: "constexpr" for k in cx}}, cx, {}, {}))
+        specs.append((_col_reduce_kernel, {**sig, **{k: "constexpr" for k in cx}}, cx, {}, {"divisible": _DIVISIBLE}))
     return specs
