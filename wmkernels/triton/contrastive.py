@@ -541,7 +541,8 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
     multiples of 16: what runs at scale; tests/tools/aot_compile_triton.py enforces the triton 3.9
     figures): the half-operand tiles are spill-free on triton 3.9 and 3.6 except the symmetric
     (128, 64, 64) tiles at bd 256 / 512 (72 / 264 bytes on 3.9, 16 / 148 on 3.6), the two-exp
-    (64, 32) backward tile at 512 (32 / 0) and the one-sweep (16, 32) tile at 512 (64 / 128).
+    (64, 32) backward tile at 512 (32 / 0) and the one-sweep (16, 32) tile at 512 (64 / 128; every
+    one-sweep tile with wgmma spills 2-4 KB there).
     Unaligned operands compile another specialization without vectorized, pipelined loads, which
     spills more (up to ~3.5 KB for the two-exp backward tiles on 3.6). The one-sweep backward keeps
     a BLOCK_N x bd accumulator and forms a BLOCK_M x bd product per tile, and its fp32 atomics (bd
@@ -550,7 +551,7 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
     Hopper's wgmma needs 64 rows per warp group: a tile with BLOCK_M < 64 (in the one-sweep
     backward also BLOCK_N < 64, the rows of its G.T @ x) compiles to mma.sync only, the older and
     slower tensor-core path (checked in the sm_90 PTX). Among the above that is the two-sweep
-    backward's (32, 32) tiles and every one-sweep tile but its 64 x 64 ones. The AOT test requires
+    backward's (32, 32) tiles and the one-sweep (16, 64) / (16, 32) ones. The AOT test requires
     wgmma of every half-operand tile with 64-row warp groups.
 
     fp32 and fp64 run IEEE products (not on the tensor cores) on 16 x 16 tiles; they spill registers
@@ -564,9 +565,8 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
                 "fused": []}[kind]
     if kind == "fused":  # one-sweep backward: a BLOCK_N x bd fp32 accumulator, a BLOCK_M x bd product
         table = {64: [(64, 64, 64, 8, 2, True), (64, 32, 64, 8, 2, True)],
-                 128: [(32, 32, 128, 8, 2, True), (16, 64, 128, 8, 2, True), (64, 64, 128, 8, 2, True)],
-                 256: [(16, 32, 256, 8, 2, True), (16, 64, 256, 8, 2, True), (32, 32, 256, 8, 2, True),
-                       (64, 64, 256, 8, 2, True)],
+                 128: [(64, 128, 128, 8, 2, True), (64, 64, 128, 8, 2, True)],
+                 256: [(64, 64, 256, 8, 2, True), (16, 64, 256, 8, 2, True)],  # wider tiles spill 1.5-2 KB
                  512: [(16, 32, 512, 8, 2, True)],  # spills 64 / 128 B (triton 3.9 / 3.6)
                  }.get(max(64, bd), [(16, 32, bd, 8, 2, True)])
     elif kind == "sym":  # the column statistics take registers: narrower column tiles, features streamed
