@@ -584,10 +584,10 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
     else:  # the last field: ONE_EXP (see _grad_weights)
         table = {64: [(128, 64, 64, 8, 2, False), (64, 64, 64, 4, 3, False), (128, 32, 64, 8, 2, True)],
                  128: [(64, 64, 128, 4, 3, False), (64, 64, 128, 8, 2, False), (64, 32, 128, 4, 3, True)],
-                 256: [(64, 16, 256, 8, 2, True), (64, 32, 256, 8, 2, True), (32, 32, 256, 4, 2, True),
-                       (64, 32, 256, 4, 2, False), (128, 32, 256, 8, 2, False)],
-                 512: [(32, 32, 512, 8, 2, True), (64, 16, 512, 8, 2, True),
-                       (64, 16, 512, 8, 2, False), (64, 32, 512, 8, 2, False)],
+                 256: [(64, 16, 256, 8, 2, True), (64, 32, 256, 8, 2, True), (64, 32, 256, 4, 2, False),
+                       (128, 32, 256, 8, 2, False), (32, 32, 256, 4, 2, True)],
+                 512: [(64, 16, 512, 8, 2, True), (64, 16, 512, 8, 2, False), (64, 32, 512, 8, 2, False),
+                       (32, 32, 512, 8, 2, True)],
                  }.get(max(64, bd), [(32, 16, bd, 8, 1, False)])
     return [(bm, bn, min(bk, bd), *rest) for bm, bn, bk, *rest in table]  # BLOCK_K <= padded D
 
