@@ -6,7 +6,8 @@ at scale, and its register spills and tensor-core instructions are checked there
 compile the unspecialized variant.
 
 Usage: python aot_compile_triton.py MODULE [MODULE ...]; prints one line per module and fails
-on the first kernel that does not compile or spills registers.
+on the first kernel that does not compile, spills registers beyond its allowance or lacks the
+wgmma its spec expects.
 """
 import os
 import re
@@ -63,7 +64,7 @@ def compile_spec(name: str, index: int) -> None:
     spec = importlib.import_module(name).aot_specs()[index]
     fn, sig, cx = spec[:3]
     options = spec[3] if len(spec) > 3 else {}  # num_warps / num_stages the host code launches with
-    checks = spec[4] if len(spec) > 4 else {}  # targets, tolerated spill bytes
+    checks = spec[4] if len(spec) > 4 else {}  # targets, tolerated spill bytes, wgmma, divisible ints
     archs = checks.get("archs", ARCHS)
     for arch in archs:  # the earlier targets without alignment assumptions, the last one with them
         attrs = aligned_attrs(fn, sig, checks.get("divisible", ())) if arch == archs[-1] else {}
