@@ -330,8 +330,7 @@ def _grad_weights(logits, lse_x, g_x, u, gap, lse_y, g_y, ROW_TERM: tl.constexpr
     With both terms and ONE_EXP, one exp per logit: exp(L - lse_y) = P u_i exp(gap_j) (P = exp(L -
     lse_x), u_i = exp(lse_x[i] - big), gap_j = big - lse_y[j], big the block's largest lse_x),
     unless a column's gap exceeds _FAR, where P may have underflowed: then a second exp. (The
-    rescaling takes registers: on triton 3.6 it spills at the two-exp tile shapes, so both are
-    tuning candidates.)"""
+    rescaling takes registers, so both variants are tuning candidates.)"""
     if ROW_TERM:
         p = tl.exp(logits - lse_x[:, None])
         if COL_TERM and not ONE_EXP:
@@ -579,7 +578,7 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
         table = {64: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3)],
                  128: [(128, 128, 128, 8, 3), (128, 64, 128, 8, 3), (64, 128, 128, 4, 3)],
                  256: [(128, 64, 256, 8, 2), (128, 128, 256, 8, 2), (64, 64, 256, 4, 3)],
-                 512: [(64, 64, 128, 4, 3), (128, 32, 512, 8, 2), (64, 32, 512, 4, 3)],  # spills <= 64 B
+                 512: [(64, 64, 128, 4, 3), (128, 32, 512, 8, 2), (64, 32, 512, 4, 3)],
                  }.get(max(64, bd), [(64, 64, 128, 4, 3)])
     else:  # the last field: ONE_EXP (see _grad_weights)
         table = {64: [(128, 64, 64, 8, 2, False), (64, 64, 64, 4, 3, False), (128, 32, 64, 8, 2, True)],
