@@ -55,7 +55,8 @@ def main(sizes):
                          "nominal_tflops": 3 * f / total / 1e12, "fwd_ms_per_candidate": per_cand,
                          "bwd_ms_per_candidate": bwd_cand})
             print(json.dumps(rows[-1]), flush=True)
-    print("configs picked:", {str(k[:2] + (str(k[2]),) + k[4:]): v for k, v in tc._picked.items()})
+    # key: (kind, dtype, constexprs, size classes, ...): shown as kind, padded D, dtype, the rest
+    print("configs picked:", {str((k[0], dict(k[2])["BLOCK_D"], str(k[1]), *k[3:])): v for k, v in tc._picked.items()})
     return rows
 
 

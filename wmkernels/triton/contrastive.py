@@ -324,6 +324,14 @@ def _col_reduce_kernel(pm_ptr, ps_ptr, pa_ptr, lse_ptr, max_ptr, arg_ptr, N, P, 
 
 
 @triton.jit
+def _row_rescale(lse_x, rmask):
+    """(big, u): the block's largest row logsumexp and u_i = exp(lse_x[i] - big), 0 on rows past
+    the end, for the one-exp column term of _grad_weights."""
+    big = tl.max(tl.where(rmask, lse_x, float("-inf")), axis=0)
+    return big, tl.where(rmask, tl.exp(lse_x - big), 0.0)
+
+
+@triton.jit
 def _grad_weights(logits, lse_x, g_x, u, gap, lse_y, g_y, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr,
                   ONE_EXP: tl.constexpr):
     """G = g_x[i] exp(L - lse_x[i]) (ROW_TERM) + g_y[j] exp(L - lse_y[j]) (COL_TERM) for one tile.
@@ -392,8 +400,7 @@ def _grad_kernel(
     if ROW_TERM:
         lse_x = tl.load(lse_x_ptr + rows, mask=rmask, other=0.0)
         g_x = tl.load(g_x_ptr + rows, mask=rmask, other=0.0)
-    big = tl.max(tl.where(rmask, lse_x, float("-inf")), axis=0)
-    u = tl.where(rmask, tl.exp(lse_x - big), 0.0)
+    big, u = _row_rescale(lse_x, rmask)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     c0, c1 = _col_range(N, split_cols, SPLIT)
     n_full = c0 + ((c1 - c0) // BLOCK_N) * BLOCK_N
@@ -440,11 +447,7 @@ def _fused_grad_step(x_ptr, rows, y, cols, dd, lse_x_ptr, g_x_ptr, lse_y, g_y, d
     logits = _mma(x, tl.trans(y), ACC, PREC, UPCAST) * s
     if MASK_M:
         logits = tl.where(rmask[:, None], logits, float("-inf"))
-        big = tl.max(tl.where(rmask, lse_x, float("-inf")), axis=0)
-        u = tl.where(rmask, tl.exp(lse_x - big), 0.0)
-    else:
-        big = tl.max(lse_x, axis=0)
-        u = tl.exp(lse_x - big)
+    big, u = _row_rescale(lse_x, rmask)  # per row, not per logit: the mask costs nothing here
     if pad_cols:  # uniform per program: only the last column block
         logits = tl.where((cols < N)[None, :], logits, float("-inf"))
     g = _grad_weights(logits, lse_x, g_x, u, big - lse_y, lse_y, g_y, True, COL_TERM, ONE_EXP).to(x.dtype)
@@ -658,6 +661,20 @@ def _col_splits(row_programs: int, n: int, bn: int, device: torch.device, splits
 
 # --- host side -----------------------------------------------------------------------------------
 
+def _launch_setup(x, y, acc):
+    """(M, N, D, padded D, device, the constexprs every contrastive kernel takes) for rows x
+    against rows y accumulated in `acc`."""
+    m, n, d = x.shape[0], y.shape[0], x.shape[1]
+    bd = block_d(d)
+    cx = dict(ACC=_tl_acc(acc), PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype), EVEN_D=d == bd, BLOCK_D=bd)
+    return m, n, d, bd, x.device, cx
+
+
+def _size_key(kind: str, x, cx: dict, m: int, n: int, *extra) -> tuple:
+    """What a tuned choice is kept for: the kernel kind, operand dtype, constexprs, size classes."""
+    return (kind, x.dtype, tuple(sorted(cx.items())), m.bit_length(), n.bit_length(), *extra)
+
+
 def _merge(pm, ps, pa, lse, mx, arg, parts: int, acc_tl) -> None:
     """lse, max, first argmax of each column of the (parts, n) partial statistics."""
     n = lse.shape[0]
@@ -668,9 +685,7 @@ def _merge(pm, ps, pa, lse, mx, arg, parts: int, acc_tl) -> None:
 def _lse(x, y, scale, acc, cand=None, splits=None):
     """(lse, max, arg) per row of x against the rows of y; `cand` / `splits` override the tuned
     config and the column split count (tests, probes)."""
-    m, n, d = x.shape[0], y.shape[0], x.shape[1]
-    bd, dev = block_d(d), x.device
-    cx = dict(ACC=_tl_acc(acc), PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype), EVEN_D=d == bd, BLOCK_D=bd)
+    m, n, d, bd, dev, cx = _launch_setup(x, y, acc)
 
     def run(cand):
         programs = triton.cdiv(m, cand[0])
@@ -689,16 +704,14 @@ def _lse(x, y, scale, acc, cand=None, splits=None):
 
     if cand is not None:
         return run(cand)
-    key = ("lse", bd, x.dtype, tuple(sorted(cx.items())), m.bit_length(), n.bit_length())
+    key = _size_key("lse", x, cx, m, n)
     return _tuned(key, candidates("lse", bd, x.dtype), run, m * n, dev)
 
 
 def _grad(x, y, scale, lse_x, g_x, lse_y, g_y, row_term: bool, col_term: bool, acc, cand=None, splits=None):
     """sum_j G_ij y_j per row of x (see _grad_kernel), fp32 / fp64; `cand` / `splits` as in _lse."""
-    m, n, d = x.shape[0], y.shape[0], x.shape[1]
-    bd, dev = block_d(d), x.device
-    cx = dict(ROW_TERM=row_term, COL_TERM=col_term, ACC=_tl_acc(acc), PREC=_precision(x.dtype),
-              UPCAST=_upcast(x.dtype), EVEN_D=d == bd, BLOCK_D=bd)
+    m, n, d, bd, dev, cx = _launch_setup(x, y, acc)
+    cx.update(ROW_TERM=row_term, COL_TERM=col_term)
 
     def run(cand):
         programs = triton.cdiv(m, cand[0])
@@ -710,7 +723,7 @@ def _grad(x, y, scale, lse_x, g_x, lse_y, g_y, row_term: bool, col_term: bool, a
 
     if cand is not None:
         return run(cand)
-    key = ("grad", bd, x.dtype, tuple(sorted(cx.items())), m.bit_length(), n.bit_length())
+    key = _size_key("grad", x, cx, m, n)
     return _tuned(key, candidates("grad", bd, x.dtype), run, m * n, dev)
 
 
@@ -730,8 +743,7 @@ def _grads(x, y, scale, lse_x, g_x, lse_y, g_y, symmetric: bool, acc, cand=None)
     lse_y[j]) when symmetric): one sweep per gradient (_TWO_SWEEPS, each tuned alone), or, where
     timed faster on a GPU and nondeterminism is allowed, one sweep for both (_fused_grad_kernel,
     half operands only: 6 instead of 8 B^2 D flops, d x through fp32 atomics). `cand` overrides."""
-    m, n, d = x.shape[0], y.shape[0], x.shape[1]
-    bd, dev = block_d(d), x.device
+    m, n, d, bd, dev, cx = _launch_setup(x, y, acc)
 
     def run(cand):
         if cand == _TWO_SWEEPS:
@@ -739,15 +751,14 @@ def _grads(x, y, scale, lse_x, g_x, lse_y, g_y, symmetric: bool, acc, cand=None)
                     _grad(y, x, scale, lse_y, g_y, lse_x, g_x, symmetric, True, acc))
         dx = torch.zeros(x.shape, dtype=acc, device=dev)
         dy = torch.empty(y.shape, dtype=acc, device=dev)
-        _fused_grad_kernel[(triton.cdiv(n, cand[1]),)](
-            x, y, scale, lse_x, g_x, lse_y, g_y, dx, dy, m, n, d, COL_TERM=symmetric, ACC=_tl_acc(acc),
-            PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype), EVEN_D=d == bd, BLOCK_D=bd, **_meta("fused", cand))
+        _fused_grad_kernel[(triton.cdiv(n, cand[1]),)](x, y, scale, lse_x, g_x, lse_y, g_y, dx, dy, m, n, d, **cx,
+                                                       COL_TERM=symmetric, **_meta("fused", cand))
         return dx, dy
 
     if cand is not None:
         return run(cand)
     cands = _grads_candidates(bd, x.dtype)
-    key = ("grads", bd, x.dtype, symmetric, len(cands), m.bit_length(), n.bit_length())
+    key = _size_key("grads", x, cx, m, n, symmetric, len(cands))
     return _tuned(key, cands, run, m * n, dev)
 
 
@@ -770,9 +781,7 @@ def _sym_lse(x, y, scale, acc, cand=None, splits=None):
     sweep (P x N partials, P = _sm_count) or, where timed faster, one sweep per direction.
     `cand` (a "sym" candidate or _SPLIT) and `splits` (column splits) override the choices, for
     tests and probes."""
-    m, n, d = x.shape[0], y.shape[0], x.shape[1]
-    bd, dev = block_d(d), x.device
-    cx = dict(ACC=_tl_acc(acc), PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype), EVEN_D=d == bd, BLOCK_D=bd)
+    m, n, d, bd, dev, cx = _launch_setup(x, y, acc)
 
     def run(cand):
         if cand == _SPLIT:
@@ -798,7 +807,7 @@ def _sym_lse(x, y, scale, acc, cand=None, splits=None):
 
     if cand is not None:
         return run(cand)
-    key = ("sym", bd, x.dtype, tuple(sorted(cx.items())), m.bit_length(), n.bit_length())
+    key = _size_key("sym", x, cx, m, n)
     return _tuned(key, candidates("sym", bd, x.dtype) + [_SPLIT], run, m * n, dev)
 
 
