@@ -10,7 +10,7 @@ from wmkernels.train import ConfigError, Stage, Trainer, TrainingStopped, make_c
 from wmkernels.train import checkpoint as ckpt_io
 from wmkernels.train.__main__ import main
 from wmkernels.train.config import build_parser
-from wmkernels.train.data import ClipFolder, DataError, DataSource, DataStream, SyntheticVideo, list_clips
+from wmkernels.train.data import ClipFolder, DataError, DataSource, DataStream, SyntheticVideo, _read_clip, list_clips
 from wmkernels.train.loop import param_groups, warmup_cosine
 from wmkernels.train.models import set_grad_checkpointing
 from wmkernels.train.objectives import build_objective
@@ -51,6 +51,8 @@ def test_presets_file_and_cli_precedence(tmp_path):
 def test_steps_rescale_curriculum():
     cfg = make_config({"curriculum": "16x4x100,32x4x60,32x8x40", "steps": 20})
     assert [s.steps for s in cfg.stages()] == [10, 6, 4] and cfg.total_steps() == 20
+    cfg = make_config({"curriculum": "16x4x5,32x4x5,32x8x1", "steps": 4})  # rounding never drops a stage
+    assert [s.steps for s in cfg.stages()] == [2, 1, 1]
 
 
 @pytest.mark.parametrize("argv, option", [
@@ -62,6 +64,12 @@ def test_steps_rescale_curriculum():
     (["--curriculum", "32x3x10"], "curriculum"),
     (["--batch-size", "0"], "batch_size"),
     (["--batch-size", "two"], "batch_size"),
+    (["--mask-ratio", "0.01"], "mask_ratio"),  # masks no patch: nothing to predict
+    (["--temperature", "inf"], "temperature"),
+    (["--weight-decay", "inf"], "weight_decay"),
+    (["--mlp-ratio", "0.001"], "mlp_ratio"),  # no MLP hidden unit
+    (["--seed", "-1"], "seed"),
+    (["--out-dir", ""], "out_dir"),
 ])
 def test_bad_config_names_the_option(argv, option, capsys):
     with pytest.raises(SystemExit):
@@ -77,6 +85,10 @@ def test_bad_config_api_and_file(tmp_path):
         make_config({"learning_rate": 1e-3})
     with pytest.raises(ConfigError, match="config: file"):
         make_config(file=str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="^curriculum: stage 1 resolution: expected int, got 'a'"):
+        make_config({"curriculum": [{"resolution": "a", "frames": 4, "steps": 3}]})
+    with pytest.raises(ConfigError, match="^batch_size: expected int, got True"):
+        make_config({"batch_size": True})
 
 
 def test_help_documents_every_option():
@@ -134,6 +146,7 @@ def test_npy_folder_skips_bad_clips(tmp_path, caplog):
     assert "skipped 2 of 6 clips (1 unreadable, 1 shorter than 7 frames)" in caplog.text
     clip, _ = ds[1]
     assert clip.shape == (4, 3, 16, 16) and 0 <= clip.min() and clip.max() <= 1
+    assert _read_clip(str(tmp_path / "clip0.npy"), 0, 2, 1).flags.writeable  # torch warns on a read-only (memory-mapped) array
     with pytest.raises(DataError, match="none of 6 clips is usable"):
         ClipFolder(files, frames=20, resolution=16)
     cfg = config(tmp_path / "run", data=str(tmp_path), curriculum=[Stage(16, 4, 2)], batch_size=1)
@@ -141,6 +154,14 @@ def test_npy_folder_skips_bad_clips(tmp_path, caplog):
     assert len(train_set) + len(held) == 4
     _, out = train(tmp_path / "run", data=str(tmp_path), curriculum=[Stage(16, 4, 2)], batch_size=1, frame_stride=2)
     assert out["step"] == 2 and np.isfinite(out["eval"]["loss"])
+
+
+def test_folder_evaluation_bounded_by_eval_batches(tmp_path):
+    for i in range(12):
+        np.save(tmp_path / f"clip{i:02d}.npy", np.zeros((4, 16, 16, 3), dtype=np.uint8))
+    cfg = config(tmp_path / "run", data=str(tmp_path), eval_fraction=0.5, batch_size=2, eval_batches=1)
+    _, held = DataSource(cfg).datasets(4, 16)
+    assert len(held) == 2
 
 
 def test_mp4_folder(tmp_path):
@@ -257,6 +278,46 @@ def test_resume_auto_and_config_mismatch(tmp_path):
     assert Trainer(config(tmp_path / "empty", resume="auto")).step == 0
 
 
+def test_resume_between_logs_same_metrics(tmp_path):
+    """The metrics window and the run of non-finite steps are part of the checkpoint."""
+    common = dict(curriculum=[Stage(16, 4, 4)], log_every=2, ckpt_every=3)
+    _, full = train(tmp_path / "full", **common)
+    _, resumed = train(tmp_path / "res", resume=str(tmp_path / "full" / "ckpt_00000003.pt"), **common)
+    assert resumed["history"][0]["loss"] == full["history"][1]["loss"]  # step 4: the mean over steps 3 and 4
+    with pytest.raises(TrainingStopped):
+        run_nan(tmp_path / "nan", max_nonfinite=3, ckpt_every=2)
+    with pytest.raises(TrainingStopped, match="stopped at step 3"):
+        run_nan(tmp_path / "nan", max_nonfinite=3, ckpt_every=2, resume=str(tmp_path / "nan" / "ckpt_00000002.pt"))
+
+
+def run_nan(out_dir, **overrides):
+    trainer = Trainer(config(out_dir, **overrides))
+    forward = trainer.runner.forward
+    trainer.runner.forward = lambda *a: forward(*a) * float("nan")
+    return trainer.run()
+
+
+def test_resume_at_the_end_and_with_new_optimizer_options(tmp_path, caplog):
+    train(tmp_path, curriculum=[Stage(16, 4, 3)])
+    _, out = train(tmp_path, curriculum=[Stage(16, 4, 3)], resume="auto")  # nothing left to train
+    assert out["step"] == 3 and np.isfinite(out["eval"]["loss"]) and out["checkpoint"].endswith("ckpt_00000003.pt")
+    trainer = Trainer(config(tmp_path, curriculum=[Stage(16, 4, 6)], resume="auto", lr=5e-3, beta1=0.5,
+                             weight_decay=0.2, log_every=7))
+    assert "lr 0.002 -> 0.005; beta1 0.9 -> 0.5; weight_decay 0.05 -> 0.2; curriculum" in caplog.text
+    assert "log_every" not in caplog.text
+    decay, no_decay = trainer.optimizer.param_groups
+    assert decay["betas"] == no_decay["betas"] == (0.5, 0.95) and (decay["weight_decay"], no_decay["weight_decay"]) == (0.2, 0)
+    assert decay["lr"] == no_decay["lr"] == 5e-3 * warmup_cosine(2, 6, 0.0)(3)  # the new schedule at step 3
+
+
+def test_rotation_keeps_the_new_checkpoint(tmp_path):
+    """Rewound to an earlier checkpoint, the run's new files survive a higher-numbered one left behind."""
+    manager = ckpt_io.CheckpointManager(str(tmp_path), keep_last=1)
+    manager.save({"step": 6}, 6)
+    manager.save({"step": 4}, 4)
+    assert manager.latest() == manager.path(4) and manager.checkpoints() == [manager.path(4)]
+
+
 def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     manager = ckpt_io.CheckpointManager(str(tmp_path), keep_last=2)
     manager.save({"step": 1, "w": torch.ones(3)}, 1)
@@ -279,11 +340,14 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 # ---- the command line ----
 
-def test_main_writes_checkpoint_metrics_and_sample(tmp_path):
+def test_main_writes_checkpoint_metrics_and_sample(tmp_path, caplog):
     # The default loss backend: wmkernels' compiled kernels where this install has them.
-    rc = main(["--out-dir", str(tmp_path), "--curriculum", "16x4x4,32x4x2", "--batch-size", "2", "--eval-every", "3", "--sample-every", "3", "--ckpt-every", "3",
-               "--log-every", "2", "--embed-dim", "32", "--num-heads", "2", "--decoder-dim", "16"])
-    assert rc == 0
+    argv = ["--out-dir", str(tmp_path), "--curriculum", "16x4x4,32x4x2", "--batch-size", "2", "--eval-every", "3",
+            "--sample-every", "3", "--ckpt-every", "3", "--log-every", "2", "--embed-dim", "32", "--num-heads", "2",
+            "--decoder-dim", "16"]
+    caplog.set_level("INFO", logger="wmkernels.train")
+    assert main(argv) == 0
+    assert "done: 6 steps, loss " in caplog.text
     files = sorted(os.listdir(tmp_path))
     assert {"ckpt_00000003.pt", "ckpt_00000006.pt", "latest", "metrics.jsonl", "samples", "tb"} <= set(files)
     assert sorted(os.listdir(tmp_path / "samples")) == ["sample_00000003.gif", "sample_00000006.gif"]
@@ -291,6 +355,8 @@ def test_main_writes_checkpoint_metrics_and_sample(tmp_path):
     train_rows = [r for r in rows if r["split"] == "train"]
     assert {"loss", "lr", "grad_norm", "samples_per_s", "data_time_share", "peak_memory_mb"} <= set(train_rows[0])
     assert [r["step"] for r in rows if r["split"] == "eval"] == [3, 6]
+    assert main([*argv, "--resume", "auto"]) == 0  # nothing left to train: evaluates and saves again
+    assert "done: 6 steps; held-out loss" in caplog.text
     assert main(["--out-dir", str(tmp_path / "x"), "--data", str(tmp_path / "missing")]) == 2
 
 

@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if rank == 0:
         losses = [h["loss"] for h in summary["history"]]
-        shown = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
+        shown = f", loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""  # none before the first log_every
         evals = ", ".join(f"{k} {v:.4g}" for k, v in summary["eval"].items())
-        log.info("done: %d steps, %s; held-out %s; checkpoint %s; sample %s", summary["step"], shown, evals,
+        log.info("done: %d steps%s; held-out %s; checkpoint %s; sample %s", summary["step"], shown, evals,
                  summary["checkpoint"], summary["sample"])
     return 0
 

@@ -84,7 +84,9 @@ class CheckpointManager:
         path = self.path(step)
         atomic_write(path, lambda f: torch.save(state, f))
         atomic_write(os.path.join(self.out_dir, POINTER), lambda f: f.write(os.path.basename(path).encode() + b"\n"))
-        for old in self.checkpoints()[:-self.keep_last]:
+        # The one just written always stays, even below a higher-numbered file of an abandoned run.
+        others = [p for p in self.checkpoints() if p != path]
+        for old in others[:max(0, len(others) - (self.keep_last - 1))]:
             os.remove(old)
         for stale in glob.glob(os.path.join(self.out_dir, "*.tmp*")):  # left by a killed writer
             if not stale.endswith(f".tmp{os.getpid()}"):
@@ -117,6 +119,11 @@ def load(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"resume: cannot read checkpoint {path!r}: {e}") from e
+
+
+def changed_options(saved: dict, current: dict, ignore: tuple[str, ...]) -> list[str]:
+    """`name saved -> current` for each option (outside `ignore`) whose value differs from the checkpoint's."""
+    return [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in current.items() if k not in ignore and saved.get(k) != v]
 
 
 def check_model_config(saved: dict, current: dict, path: str) -> None:

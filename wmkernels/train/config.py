@@ -23,6 +23,13 @@ MODEL_KEYS = (
     "decoder_dim", "decoder_depth", "proj_dim", "conv_width", "learn_temperature",
 )
 
+# Options that change only where a run writes and how it is watched: a resume with other values
+# of these still continues exactly; any other change is named in a warning.
+RESUME_FREE_KEYS = (
+    "preset", "out_dir", "resume", "num_workers", "log_every", "eval_every", "eval_batches", "sample_every",
+    "ckpt_every", "keep_last", "progress", "tensorboard", "wandb", "wandb_project",
+)
+
 
 class ConfigError(ValueError):
     """An invalid option value; the message names the option."""
@@ -114,10 +121,12 @@ class TrainConfig:
         total = sum(s.steps for s in self.curriculum)
         out, used = [], 0
         for i, s in enumerate(self.curriculum):
-            n = self.steps - used if i == len(self.curriculum) - 1 else round(self.steps * s.steps / total)
-            out.append(Stage(s.resolution, s.frames, max(0, n)))
-            used += out[-1].steps
-        return [s for s in out if s.steps > 0]
+            later = len(self.curriculum) - 1 - i  # stages still to come keep at least one step each
+            n = self.steps - used if not later else min(max(1, round(self.steps * s.steps / total)),
+                                                        self.steps - used - later)
+            out.append(Stage(s.resolution, s.frames, n))
+            used += n
+        return out
 
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages())
@@ -173,11 +182,15 @@ def _coerce(name: str, value, kind):
             return parse_curriculum(value)
         if isinstance(value, list):
             try:
-                return [s if isinstance(s, Stage) else Stage(**s) if isinstance(s, dict) else Stage(*s) for s in value]
+                stages = [s if isinstance(s, Stage) else Stage(**s) if isinstance(s, dict) else Stage(*s) for s in value]
             except TypeError as e:
                 raise ConfigError(f"curriculum: expected a list of {{resolution, frames, steps}}, got {value!r}") from e
+            return [Stage(*(_coerce(f"curriculum: stage {i + 1} {k}", getattr(s, k), int)
+                            for k in ("resolution", "frames", "steps"))) for i, s in enumerate(stages)]
         raise ConfigError(f"curriculum: expected a list of stages or a string, got {value!r}")
     try:
+        if kind in (int, float) and isinstance(value, bool):  # YAML's `yes` is no batch size
+            raise ValueError(value)
         if kind is bool:
             if isinstance(value, str):
                 low = value.lower()
@@ -252,11 +265,13 @@ def validate(cfg: TrainConfig) -> None:
     need(0 <= cfg.min_lr <= cfg.lr, "min_lr", "a number in [0, lr]")
     need(0 <= cfg.beta1 < 1, "beta1", "a number in [0, 1)")
     need(0 <= cfg.beta2 < 1, "beta2", "a number in [0, 1)")
-    need(cfg.weight_decay >= 0, "weight_decay", "a number >= 0")
+    need(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "a finite number >= 0")
     need(cfg.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
     need(cfg.grad_clip >= 0, "grad_clip", "a number >= 0 (0 disables clipping)")
     need(0 <= cfg.mask_ratio < 1, "mask_ratio", "a number in [0, 1)")
-    need(cfg.temperature > 0, "temperature", "a positive number")
+    need(math.isfinite(cfg.temperature) and cfg.temperature > 0, "temperature", "a positive finite number")
+    need(0 <= cfg.seed < 2**32, "seed", "an integer in [0, 2**32)")
+    need(cfg.out_dir != "", "out_dir", "a folder path")
     for name in ("batch_size", "grad_accum", "patch_size", "tubelet", "embed_dim", "depth", "num_heads",
                  "decoder_dim", "decoder_depth", "conv_width", "proj_dim", "channels", "frame_stride",
                  "num_samples", "max_nonfinite", "keep_last", "eval_batches"):
@@ -264,7 +279,9 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("threads", "num_workers", "steps", "log_every", "eval_every", "sample_every", "ckpt_every"):
         need(getattr(cfg, name) >= 0, name, "an integer >= 0")
     need(0 < cfg.eval_fraction < 1, "eval_fraction", "a number in (0, 1)")
-    need(cfg.mlp_ratio > 0, "mlp_ratio", "a positive number")
+    width = min(cfg.embed_dim, cfg.decoder_dim) if cfg.objective == "masked" else cfg.embed_dim
+    need(math.isfinite(cfg.mlp_ratio) and int(width * cfg.mlp_ratio) >= 1, "mlp_ratio",
+         f"a number that leaves an MLP hidden width >= 1 at width {width}")
     need(cfg.embed_dim % cfg.num_heads == 0, "embed_dim", f"a multiple of num_heads={cfg.num_heads}")
     need(cfg.decoder_dim % cfg.num_heads == 0, "decoder_dim", f"a multiple of num_heads={cfg.num_heads}")
     if cfg.objective == "reconstruction":
@@ -285,6 +302,9 @@ def validate(cfg: TrainConfig) -> None:
             spatial = (s.resolution // cfg.patch_size) ** 2
             if int(cfg.mask_ratio * spatial) >= spatial:
                 raise ConfigError(f"mask_ratio: {cfg.mask_ratio} leaves no visible patch at resolution {s.resolution}")
+            if int(cfg.mask_ratio * spatial) < 1:
+                raise ConfigError(f"mask_ratio: {cfg.mask_ratio} masks no patch of the {spatial} per frame at "
+                                  f"resolution {s.resolution}: nothing to predict")
     if cfg.steps and cfg.steps < len(cfg.curriculum):
         raise ConfigError(f"steps: expected 0 or at least one per curriculum stage ({len(cfg.curriculum)}), got {cfg.steps}")
 

@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 log = logging.getLogger("wmkernels.train")
 
@@ -129,7 +129,7 @@ def _clip_length(path: str) -> int:
 
 def _read_clip(path: str, start: int, count: int, stride: int) -> np.ndarray:
     if path.endswith(".npy"):
-        return np.asarray(np.load(path, mmap_mode="r")[start:start + count * stride:stride])
+        return np.array(np.load(path, mmap_mode="r")[start:start + count * stride:stride])  # a writable copy
     av = _import_av()
     frames = []
     with av.open(path) as container:
@@ -238,7 +238,7 @@ class DataSource:
         args = (frames, resolution, cfg.channels, cfg.frame_stride, cfg.seed)
         train = ClipFolder(self.train_files, *args, lengths=self.lengths)
         held = ClipFolder(self.eval_files, *args, lengths=self.lengths)
-        return train, held
+        return train, Subset(held, range(min(len(held), n_eval)))  # eval_batches bounds an evaluation
 
 
 class ResumableSampler(DistributedSampler):

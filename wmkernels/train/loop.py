@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt_io
-from .config import TrainConfig
+from .config import RESUME_FREE_KEYS, TrainConfig
 from .data import DataSource, DataStream
 from .models import set_grad_checkpointing
 from .monitor import Monitor, peak_memory_mb
@@ -94,17 +94,20 @@ class Trainer:
         self.objective.distributed = self.world > 1
         self.optimizer = torch.optim.AdamW(param_groups(self.objective, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(cfg.warmup_steps, self.total_steps, cfg.min_lr / cfg.lr))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.amp_dtype = AMP_DTYPES[cfg.precision]
         self.ckpt = ckpt_io.CheckpointManager(cfg.out_dir, cfg.keep_last)
         self.step, self.data_pos = 0, None
         self.counters = {"nonfinite_skipped": 0, "scaler_skipped": 0}
         self.consecutive_bad = 0
+        self.window = {"loss": 0.0, "n": 0, "time": 0.0, "data_time": 0.0}  # the metrics since the last log
         self.history: list[dict] = []
         self.last_checkpoint = self.last_sample = None
         self._maybe_resume()
+        # Built after a resume: the schedule is a pure function of the step and this run's options.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(cfg.warmup_steps, self.total_steps, cfg.min_lr / cfg.lr),
+            last_epoch=self.step - 1)
         self.ddp = None
         if self.world > 1:
             self.ddp = DDP(self.objective, device_ids=[self.device] if self.device.type == "cuda" else None)
@@ -120,12 +123,13 @@ class Trainer:
         return {
             "model": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "stage": self.stage_index,
             "data": self.stream.state(),
             "counters": dict(self.counters),
+            "consecutive_bad": self.consecutive_bad,
+            "window": dict(self.window),
             "rng": ckpt_io.rng_state(),
             "config": self.cfg.to_dict(),
             "model_config": self.cfg.model_config(),
@@ -146,14 +150,21 @@ class Trainer:
             return
         state = ckpt_io.load(path)
         ckpt_io.check_model_config(state["model_config"], cfg.model_config(), path)
+        changed = ckpt_io.changed_options(state["config"], cfg.to_dict(), RESUME_FREE_KEYS)
+        if changed:
+            log.warning("resume: %s was written with other options (%s): the run goes on with the new values, "
+                        "no longer the same as an uninterrupted run", path, "; ".join(changed))
         if state["world_size"] != self.world:
             log.warning("resume: checkpoint written by %d processes, now %d: the data order changes",
                         state["world_size"], self.world)
         self.objective.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for group, decay in zip(self.optimizer.param_groups, (cfg.weight_decay, 0.0)):  # this run's values
+            group.update(betas=(cfg.beta1, cfg.beta2), weight_decay=decay, initial_lr=cfg.lr)
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.counters = state["step"], state["counters"]
+        self.consecutive_bad = state.get("consecutive_bad", 0)
+        self.window = state.get("window", self.window)
         self.data_pos = (state["stage"], state["data"])
         ckpt_io.set_rng_state(state["rng"])
         log.info("resume: %s at step %d", path, self.step)
@@ -270,8 +281,10 @@ class Trainer:
         """The training iterations with their periodic logging, evaluation, samples and checkpoints."""
         cfg = self.cfg
         bounds = np.cumsum([s.steps for s in self.stages])
-        window = {"loss": 0.0, "n": 0, "time": 0.0, "data_time": 0.0}
+        window = self.window
         samples_per_step = cfg.batch_size * cfg.grad_accum * self.world
+        if self.step >= self.total_steps:  # resumed at the end: the final evaluation and checkpoint need its data
+            self._enter_stage(len(self.stages) - 1)
         while self.step < self.total_steps:
             self._enter_stage(int(np.searchsorted(bounds, self.step, side="right")))
             while self.step < bounds[self.stage_index]:
