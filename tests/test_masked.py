@@ -50,7 +50,7 @@ def ref_patches(video64, tubelet, layout, mean=None, std=None):
 def ref_loss(pred64, video64, index, tubelet, layout, norm_pix, norm_mode, eps, mean=None, std=None):
     x = ref_patches(video64, tubelet, layout, mean, std)  # b n q c
     if norm_pix and norm_mode == "videomae":
-        x = (x - x.mean(-2, keepdim=True)) / (x.var(-2, unbiased=True, keepdim=True).sqrt() + eps)
+        x = (x - x.mean(-2, keepdim=True)) / (x.std(-2, unbiased=True, keepdim=True) + eps)
     x = x.flatten(-2)
     if norm_pix and norm_mode == "mae":
         x = (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=True, keepdim=True) + eps) ** 0.5
@@ -124,6 +124,22 @@ def test_block_mask_prefers_blocks():
 def test_mask_bad_ratio(ratio):
     with pytest.raises(ValueError, match="ratio"):
         masking.tube(2, (2, 4, 4), ratio)
+
+
+def test_mask_numpy_arguments_and_block_ranges():
+    """Sizes and ratios read from numpy arrays or configs work; a malformed range names its argument."""
+    np = pytest.importorskip("numpy")
+    for kind in ("random", "tube", "block"):
+        fn = getattr(masking, kind)
+        a = fn(np.int64(2), tuple(np.array([2, 3, 4])), np.float64(0.5), generator=torch.Generator().manual_seed(1))
+        b = fn(2, (2, 3, 4), 0.5, generator=torch.Generator().manual_seed(1))
+        assert all(torch.equal(x, y) for x, y in zip(vars(a).values(), vars(b).values()))
+    for name in ("spatial_scale", "temporal_scale", "aspect_ratio"):
+        for bad in ((0.5,), (0.5, 0.2), None):
+            with pytest.raises(ValueError, match=name):
+                masking.block(2, (2, 4, 4), 0.5, **{name: bad})
+    with pytest.raises(ValueError, match="ratio"):
+        masking.random(2, (2, 4, 4), True)
 
 
 def test_mask_bad_grid_and_generator():
@@ -294,6 +310,28 @@ def test_masked_mse_loss(backend, case, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm_mode", ["mae", "videomae"])
+def test_masked_mse_loss_constant_patches(backend, norm_mode):
+    """Constant patches (black borders) and constant channels: finite gradients equal to the float64
+    autograd of torch.std (whose gradient at std = 0 is taken as 0)."""
+    dev = device_for(backend)
+    video = make_video(2, 3, (2, 4, 8), "BCTHW", torch.float32, seed=3)
+    video[0] = 0.5  # every patch of sample 0 constant
+    video[1, 1, :, :, :4] = -2.0  # in sample 1, channel 1 constant in the first patch of each row
+    m = masking.random(2, (1, 2, 4), 0.5, generator=torch.Generator().manual_seed(4))
+    pred = torch.randn(2, m.num_masked, 2 * 2 * 2 * 3, generator=torch.Generator().manual_seed(5))
+    p, v = pred.to(dev).requires_grad_(), video.to(dev).requires_grad_()
+    loss = wmkernels.masked_mse_loss(p, v, m.ids_masked.to(dev), (2, 2, 2), norm_mode=norm_mode, backend=backend)
+    grads = torch.autograd.grad(loss, [p, v])
+    p64, v64 = pred.double().requires_grad_(), video.double().requires_grad_()
+    want = ref_loss(p64, v64, m.ids_masked, (2, 2, 2), "BCTHW", True, norm_mode, 1e-6)
+    close(loss, want, torch.float32)
+    for a, b in zip(grads, torch.autograd.grad(want, [p64, v64])):
+        assert torch.isfinite(a).all()
+        close(a, b, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_mse_loss_grad_out_one_and_deterministic(backend):
     case = LOSS_CASES[2] if backend == "triton" else LOSS_CASES[4]
     video, index, pred = _loss_inputs(case, torch.float32, torch.float32, "contiguous", backend)
@@ -372,6 +410,39 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="pos_embed"):
         wmkernels.unshuffle_with_mask_tokens(vis, torch.zeros(4), torch.zeros(2, 4, dtype=torch.int64),
                                              torch.zeros(1, 5, 4))
+
+
+@pytest.mark.parametrize("backend", FULL_BACKENDS)
+def test_masked_mse_loss_needs_masked_patches(backend):
+    """A mean over no masked patches is undefined: a clear error, not a NaN or a ZeroDivisionError."""
+    video = make_video(2, 3, (2, 8, 8), "BCTHW", torch.float32)
+    tub = (2, 4, 4)
+    with pytest.raises(ValueError, match=r"index: no masked patches \(shape \(2, 0\)\)"):
+        wmkernels.masked_mse_loss(torch.randn(2, 0, 96), video, masking.tube(2, (1, 2, 2), 0.0).ids_masked, tub,
+                                  backend=backend)
+    with pytest.raises(ValueError, match="index: no masked patches"):
+        wmkernels.masked_mse_loss(torch.randn(0, 1, 96), video[:0], torch.zeros(0, 1, dtype=torch.int64), tub,
+                                  backend=backend)
+    with pytest.raises(ValueError, match="index: no masked patches.*no True entry"):
+        wmkernels.masked_mse_loss(torch.randn(2, 4, 96), video, torch.zeros(2, 4, dtype=torch.bool), tub,
+                                  backend=backend)
+    # one sample without masked patches is fine: the mean runs over the batch's masked patches
+    mask = torch.tensor([[False] * 4, [True, False, True, False]])
+    pred = torch.randn(2, 4, 96, dtype=torch.float64)
+    loss = wmkernels.masked_mse_loss(pred.float(), video, mask, tub, backend=backend)
+    close(loss, ref_loss(pred, video.double(), mask, tub, "BCTHW", True, "mae", 1e-6), torch.float32)
+
+
+def test_bad_values_on_cpu():
+    video = make_video(2, 3, (2, 8, 8), "BCTHW", torch.float32)
+    with pytest.raises(ValueError, match=r"std: expected non-zero per-channel values .*\[1.0, 0.0, 2.0\]"):
+        wmkernels.gather_patches(video, torch.zeros(2, 1, dtype=torch.int64), (2, 4, 4), std=(1.0, 0.0, 2.0))
+    with pytest.raises(ValueError, match="std: expected non-zero"):
+        wmkernels.masked_mse_loss(torch.randn(2, 1, 96), video, torch.zeros(2, 1, dtype=torch.int64), (2, 4, 4),
+                                  mean=(0.0, 0.0, 0.0), std=torch.tensor([0.0, 1.0, 1.0]))
+    ids_restore = torch.tensor([[0, 1, 2, 3], [0, 0, 2, 3]])  # row 1 repeats 0, never reads visible row 1
+    with pytest.raises(ValueError, match=r"ids_restore: expected every row to be a permutation of \[0, 4\).*row 1"):
+        wmkernels.unshuffle_with_mask_tokens(torch.randn(2, 2, 5), torch.zeros(5), ids_restore)
 
 
 def test_module_wrapper():

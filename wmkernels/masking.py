@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import torch
 
@@ -51,15 +52,31 @@ def grid_size(video_shape, tubelet, layout: str = "BCTHW") -> tuple[int, int, in
     return t // tubelet[0], h // tubelet[1], w // tubelet[2]
 
 
-def _check(batch_size: int, grid, ratio: float) -> tuple[int, int, int]:
-    if not isinstance(batch_size, int) or batch_size < 1:
+def _is_int(x) -> bool:
+    """An int, numpy's included (sizes read from configs and arrays), but not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check(batch_size, grid, ratio) -> tuple[int, tuple[int, int, int], float]:
+    """(batch_size, grid, ratio) as Python numbers, validated."""
+    if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     grid = tuple(grid)
-    if len(grid) != 3 or not all(isinstance(g, int) and g >= 1 for g in grid):
+    if len(grid) != 3 or not all(_is_int(g) and g >= 1 for g in grid):
         raise ValueError(f"grid: expected three positive ints (T', H', W'), got {grid!r}")
-    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio: expected a float in [0, 1), got {ratio!r}")
-    return grid
+    return int(batch_size), tuple(int(g) for g in grid), float(ratio)
+
+
+def _check_range(name: str, pair, upper: float | None) -> tuple[float, float]:
+    """A (low, high) pair with 0 < low <= high (<= upper when given)."""
+    ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+        isinstance(x, numbers.Real) and not isinstance(x, bool) for x in pair)
+    if not ok or not 0.0 < pair[0] <= pair[1] <= (upper if upper is not None else math.inf):
+        bound = f" <= {upper:g}" if upper is not None else ""
+        raise ValueError(f"{name}: expected (low, high) with 0 < low <= high{bound}, got {pair!r}")
+    return float(pair[0]), float(pair[1])
 
 
 def _device(device, generator: torch.Generator | None) -> torch.device:
@@ -88,7 +105,7 @@ def _top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
 
 def random(batch_size: int, grid, ratio: float, *, device=None, generator: torch.Generator | None = None) -> Masks:
     """MAE masking: `int(ratio * N)` tokens masked uniformly at random in each sample."""
-    grid = _check(batch_size, grid, ratio)
+    batch_size, grid, ratio = _check(batch_size, grid, ratio)
     device = _device(device, generator)
     n = math.prod(grid)
     k = int(ratio * n)
@@ -99,7 +116,7 @@ def random(batch_size: int, grid, ratio: float, *, device=None, generator: torch
 def tube(batch_size: int, grid, ratio: float, *, device=None, generator: torch.Generator | None = None) -> Masks:
     """VideoMAE tube masking: one random spatial mask of `int(ratio * H' W')` tokens per sample,
     shared by all T' time slots (so `T' * int(ratio * H' W')` masked tokens)."""
-    grid = _check(batch_size, grid, ratio)
+    batch_size, grid, ratio = _check(batch_size, grid, ratio)
     device = _device(device, generator)
     t, h, w = grid
     k = int(ratio * h * w)
@@ -128,14 +145,13 @@ def block(
     `temporal_scale`, at a uniform random position. Tokens inside the union win over those
     outside; ties (which union tokens to drop, which outside tokens to add) break at random.
     """
-    grid = _check(batch_size, grid, ratio)
-    if not isinstance(num_blocks, int) or num_blocks < 1:
+    batch_size, grid, ratio = _check(batch_size, grid, ratio)
+    if not _is_int(num_blocks) or num_blocks < 1:
         raise ValueError(f"num_blocks: expected a positive int, got {num_blocks!r}")
-    for name, (lo, hi) in (("spatial_scale", spatial_scale), ("temporal_scale", temporal_scale)):
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"{name}: expected 0 < low <= high <= 1, got {(lo, hi)!r}")
-    if not 0.0 < aspect_ratio[0] <= aspect_ratio[1]:
-        raise ValueError(f"aspect_ratio: expected 0 < low <= high, got {tuple(aspect_ratio)!r}")
+    num_blocks = int(num_blocks)
+    spatial_scale = _check_range("spatial_scale", spatial_scale, 1.0)
+    temporal_scale = _check_range("temporal_scale", temporal_scale, 1.0)
+    aspect_ratio = _check_range("aspect_ratio", aspect_ratio, None)
     device = _device(device, generator)
     t, h, w = grid
     n = t * h * w

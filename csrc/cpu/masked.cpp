@@ -250,7 +250,8 @@ inline void normalize_backward(acc_t* gy, const acc_t* y, int64_t P, int64_t C, 
     const acc_t mg = sg / static_cast<acc_t>(n);
     const acc_t nm1 = static_cast<acc_t>(n - 1);
     if (a.videomae) {
-      const acc_t k = dot / (sigma[c] * nm1);
+      // a constant group (sigma = 0) takes the std's gradient there as 0, as torch.std's autograd does
+      const acc_t k = sigma[c] > 0 ? dot / (sigma[c] * nm1) : acc_t(0);
       for (int64_t i = 0; i < n; ++i) g[i * stride] = (g[i * stride] - mg) * inv[c] - yy[i * stride] * k;
     } else {
       const acc_t k = dot / nm1;

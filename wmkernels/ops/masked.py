@@ -303,6 +303,8 @@ def _channel_stats(video, channels: int, mean, std, acc: torch.dtype):
             out.append(None)
             continue
         t = torch.as_tensor(v, dtype=acc).detach()
+        if name == "std" and t.device.type == "cpu" and not torch.compiler.is_compiling() and (t == 0).any():
+            raise ValueError(f"std: expected non-zero per-channel values (they divide the video), got {t.tolist()}")
         if t.device != video.device:
             # a pinned staging copy goes to the GPU without waiting for it (a pageable one would sync)
             t = t.pin_memory().to(video.device, non_blocking=True) if video.is_cuda else t.to(video.device)
@@ -386,7 +388,8 @@ def unshuffle_with_mask_tokens(
     plus `pos_embed`.
 
     visible: (B, K, D) encoder outputs of the kept tokens in `Masks.ids_keep` order; mask_token:
-    D values ((D,), (1, 1, D), ...); ids_restore: (B, N) int64 (`Masks.ids_restore`); pos_embed:
+    D values ((D,), (1, 1, D), ...); ids_restore: (B, N) int64, each row a permutation of [0, N)
+    (`Masks.ids_restore`); pos_embed:
     broadcastable to (B, N, D), e.g. (1, N, D). Bit for bit equal to
     `gather(cat([visible, mask_token.expand(B, N - K, D)], 1), 1, ids_restore) + pos_embed`
     (in the promoted dtype); gradients flow to visible, mask_token and pos_embed.
@@ -412,6 +415,14 @@ def unshuffle_with_mask_tokens(
         out_dtype = torch.promote_types(out_dtype, pos_embed.dtype)
     _validation.check_same_device(visible=visible, mask_token=mask_token, ids_restore=ids_restore,
                                   pos_embed=pos_embed)
+    # the backward sends each output row's gradient to one source row: a repeated id would leave
+    # another row's gradient unwritten (values are checked on CPU only, like the range)
+    if ids_restore.device.type == "cpu" and ids_restore.numel() and not torch.compiler.is_compiling():
+        hit = torch.zeros(ids_restore.shape, dtype=torch.bool).scatter_(1, ids_restore, True)
+        if not hit.all():
+            row = int((~hit).any(1).nonzero()[0])
+            raise ValueError(f"ids_restore: expected every row to be a permutation of [0, {n}) "
+                             f"(Masks.ids_restore), row {row} repeats a value")
     name = _backends.resolve("unshuffle_with_mask_tokens", UNSHUFFLE_SUPPORTED, visible.device, backend)
     return _unshuffle(visible, mask_token, ids_restore, pos_embed, out_dtype, name)
 
@@ -434,7 +445,7 @@ def masked_mse_loss(
 
     `index` is either `ids_masked` (B, M) int64 with `pred` (B, M, P) predicting those patches
     (VideoMAE), or a (B, N) bool mask (True = masked) with `pred` (B, N, P) for every patch
-    (MAE; unmasked rows get zero gradient). P = pt*ph*pw*C in `(pt ph pw) c` order (see
+    (MAE; unmasked rows get zero gradient); at least one patch must be masked. P = pt*ph*pw*C in `(pt ph pw) c` order (see
     `patchify`). Targets: the video patches, first `(x - mean[c]) / std[c]` when given (uint8
     videos as delivered by loaders), then with `norm_pix` normalized per patch:
     `norm_mode="mae"`: `(x - mean) / sqrt(var + eps)` over the patch's P values;
@@ -461,6 +472,14 @@ def masked_mse_loss(
     if tuple(pred.shape) != want:
         raise ValueError(f"pred: expected shape {want} (B, {'N' if index.dtype == torch.bool else 'M'}, P), "
                          f"got {tuple(pred.shape)}")
+    # the loss is a mean over the masked patches: with none it is undefined (a mask's count is
+    # read on CPU only: on a GPU that would sync, and the loss comes out NaN there)
+    no_rows = index.numel() == 0 or (
+        index.dtype == torch.bool and index.device.type == "cpu" and not torch.compiler.is_compiling()
+        and not index.any())
+    if no_rows:
+        raise ValueError(f"index: no masked patches (shape {tuple(index.shape)}"
+                         f"{', no True entry' if index.numel() else ''}): the loss over them is undefined")
     if norm_mode not in NORM_MODES:
         raise ValueError(f"norm_mode: expected one of {NORM_MODES}, got {norm_mode!r}")
     group = p // c if norm_mode == "videomae" else p

@@ -112,7 +112,9 @@ def _normalize_backward(gy, y, norm_mode, inv, sigma, channels):
     gyc, yc = gy.unflatten(-1, (-1, channels)), y.unflatten(-1, (-1, channels))
     n = gyc.shape[-2]
     dot = (gyc * yc).sum(-2, keepdim=True)
-    gx = (gyc - gyc.mean(-2, keepdim=True)) * inv - yc * dot / (sigma * (n - 1))
+    # a constant group (sigma = 0) takes the std's gradient there as 0, as torch.std's autograd does
+    k = torch.where(sigma > 0, dot / (sigma * (n - 1)), 0.0)
+    gx = (gyc - gyc.mean(-2, keepdim=True)) * inv - yc * k
     return gx.flatten(-2)
 
 
