@@ -147,7 +147,9 @@ __global__ void __launch_bounds__(kThreads) masked_loss_rows_kernel(const p_t* _
     if (a.norm_mode == 1) {
       v = (v - mg[0] - x[q] * dot[0] / (cnt - 1)) * inv[0];
     } else if (a.norm_mode == 2) {
-      v = (v - mg[c]) * inv[c] - x[q] * dot[c] / (sigma[c] * (cnt - 1));
+      // a constant group (sigma = 0) takes the std's gradient there as 0, as torch.std's autograd does
+      const acc_t k = sigma[c] > 0 ? dot[c] / (sigma[c] * (cnt - 1)) : acc_t(0);
+      v = (v - mg[c]) * inv[c] - x[q] * k;
     }
     if (sp != nullptr) v /= sp[c];
     atomicAdd(gv + off, v);
@@ -212,6 +214,10 @@ int64_t flat_blocks(int64_t total) {
 
 }  // namespace
 
+size_t masked_loss_rows_smem(int64_t P, int64_t G, size_t acc_bytes) {
+  return static_cast<size_t>(P + 5 * G + kThreads / 32) * acc_bytes;
+}
+
 void masked_loss_rows_cuda(DType pred_dtype, VDType video_dtype, const void* pred, const void* video,
                            const MaskedLossArgs& a, cudaStream_t stream) {
   const int64_t rows = a.geom.B * a.R;
@@ -224,7 +230,7 @@ void masked_loss_rows_cuda(DType pred_dtype, VDType video_dtype, const void* pre
       using v_t = decltype(vv);
       auto run = [&](auto accv) {
         using acc_t = decltype(accv);
-        const size_t smem = static_cast<size_t>(P + 5 * G + kThreads / 32) * sizeof(acc_t);
+        const size_t smem = masked_loss_rows_smem(P, G, sizeof(acc_t));
         auto kernel = masked_loss_rows_kernel<p_t, v_t, acc_t>;
         if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
         kernel<<<static_cast<unsigned>(rows), kThreads, smem, stream>>>(

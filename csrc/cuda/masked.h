@@ -40,6 +40,10 @@ struct MaskedLossArgs {
   void* gv;
 };
 
+// Dynamic shared memory of one row block: P patch values, 5 G group statistics, the block
+// reduction's partials (acc_bytes each). The glue checks it against the device before launching.
+size_t masked_loss_rows_smem(int64_t P, int64_t G, size_t acc_bytes);
+
 void masked_loss_rows_cuda(DType pred_dtype, VDType video_dtype, const void* pred, const void* video,
                            const MaskedLossArgs& a, cudaStream_t stream);
 

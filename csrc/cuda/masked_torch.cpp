@@ -77,6 +77,17 @@ at::Tensor masked_gather_bwd_cuda_op(const at::Tensor& grad_in, const at::Tensor
   return gv.scalar_type() == video_dtype_ ? gv : gv.to(video_dtype_);
 }
 
+// The row kernel holds a whole patch in shared memory: a patch too large for the device is refused
+// here, by name, rather than failing at launch with "invalid argument".
+void check_patch_fits(int64_t P, int64_t G, at::ScalarType acc, int device) {
+  const size_t need = masked_loss_rows_smem(P, G, acc == at::kDouble ? sizeof(double) : sizeof(float));
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK_VALUE(need <= static_cast<size_t>(limit), "tubelet: a patch of ", P, " values (", acc,
+                    " accumulation) needs ", need, " bytes of shared memory on the cuda backend, this GPU allows ",
+                    limit, " per block; use a smaller tubelet or backend=\"triton\"");
+}
+
 // Runs the row kernel; returns (loss sum / denom as a device scalar in acc, d pred, d video).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows(const at::Tensor& grad_out, const at::Tensor& pred_in,
                                                          const at::Tensor& video, const at::Tensor& index,
@@ -97,6 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows(const at::Tensor& grad_
   a.mask = is_mask ? idx.const_data_ptr<bool>() : nullptr;
   at::Tensor denom = is_mask ? idx.sum(acc) : at::scalar_tensor(static_cast<double>(idx.numel()), pred.options().dtype(acc));
   const int64_t P = a.geom.pt * a.geom.ph * a.geom.pw * a.geom.C;
+  check_patch_fits(P, videomae && norm_pix ? a.geom.C : 1, acc, pred.get_device());
   at::Tensor scale = grad_out.to(acc) * (2.0 / static_cast<double>(P)) / denom;
   auto [m, s] = affine(mean, std, a.geom.C, acc, video.options());
   a.mean = ptr_or_null(m);

@@ -23,11 +23,17 @@ DType to_dtype(at::ScalarType t) {
 }
 
 // The layout of operands (x, y, w, gx, gy) padded to five dims; operands that do not merge to
-// five dims are replaced by contiguous copies (reads) or contiguous buffers (gradients).
+// five dims are replaced by contiguous copies (reads) or contiguous buffers (gradients). A
+// broadcast weight can still split six or more dims (stride 0 alternating with its own): it is
+// then materialized at the full shape, since dims past five would be dropped.
 Strided5 layout5(at::IntArrayRef shape, std::vector<at::Tensor>& ops) {
   StridedLayout lay = make_layout(shape, ops);
   if (lay.sizes.size() > static_cast<size_t>(kDims)) {
     for (auto& t : ops) t = t.contiguous();
+    lay = make_layout(shape, ops);
+  }
+  if (lay.sizes.size() > static_cast<size_t>(kDims)) {
+    ops[2] = ops[2].expand(shape).contiguous();
     lay = make_layout(shape, ops);
   }
   Strided5 out{};

@@ -91,13 +91,18 @@ def _layout(shape, reads, grads=()):
     """Layout of `reads` and `grads` (fresh buffers shaped like `shape`) over `shape`.
 
     When strides cannot be merged down to 5 dims, the read operands are copied contiguous and
-    the gradient buffers reallocated contiguous: correct, at the cost of one copy.
+    the gradient buffers reallocated contiguous: correct, at the cost of one copy. A broadcast
+    weight can still split 6+ dims (stride 0 alternating with its own): then it is materialized.
     """
     try:
         return reads, grads, padded_layout(shape, [*reads, *grads])
     except ValueError:
         reads = [t.contiguous() for t in reads]
         grads = [torch.empty(shape, dtype=g.dtype, device=g.device) for g in grads]
+    try:
+        return reads, grads, padded_layout(shape, [*reads, *grads])
+    except ValueError:
+        reads = [t.expand(shape).contiguous() for t in reads]
         return reads, grads, padded_layout(shape, [*reads, *grads])
 
 
