@@ -7,7 +7,7 @@ import sys
 
 from setuptools import setup
 
-CPU_FLAGS = ["-O3", "-fopenmp"]
+CPU_FLAGS = ["-O3", "-fopenmp", "-g0"]  # no debug info: a 51 MB library otherwise
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"] + [
     f"-gencode=arch=compute_{a},code=sm_{a}" for a in os.environ.get("WMKERNELS_CUDA_ARCHS", "80,90").split(",")
 ]

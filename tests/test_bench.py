@@ -186,3 +186,125 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert "wmkernels-cpu" in cases[0]["contenders"]
     assert "## mse" in (out / "results.md").read_text()
     assert list(out.glob("*.png"))
+
+
+def test_compare_fails_zero_or_scaled_outputs_that_a_loose_atol_would_pass():
+    grad = torch.randn(1000) * 1e-6  # gradients of O(1/B), far below the case's atol
+    loose = dict(rtol=2e-2, atol=1e-5)
+    assert harness.compare((torch.ones(()), grad * (1 + 1e-3)), (torch.ones(()), grad), **loose)[0]
+    for wrong in (torch.zeros_like(grad), grad * 0.5):
+        ok, why, _ = harness.compare((torch.ones(()), wrong), (torch.ones(()), grad), **loose)
+        assert not ok and why.startswith("output 1: relative error")
+    assert harness.compare(torch.zeros(3), torch.zeros(3), 1e-6, 1e-6)[0]  # an all-zero reference is fine
+
+
+def test_contrastive_case_check_rejects_zero_gradients():
+    from wmkernels.bench import contrastive
+
+    (case,) = contrastive.cases("cpu", quick=True)
+    torch.manual_seed(0)
+    inputs = case.setup()
+    ref = case.contenders["eager"](inputs)
+    assert 0.5 < float(ref[0]) < 5  # a loss of a few nats: the softmax is not saturated
+    zero_grads = (ref[0], torch.zeros_like(ref[1]), torch.zeros_like(ref[2]), ref[3])
+    assert not harness.compare(zero_grads, ref, case.rtol, case.atol)[0]
+    for name in harness.active_contenders(case, quick=True):
+        ok, why, _ = harness.compare(case.contenders[name](inputs), ref, case.rtol, case.atol)
+        assert ok, (name, why)
+
+
+def test_contender_raising_while_timed_is_an_error_and_the_others_keep_their_times():
+    calls = []
+
+    def flaky(d):  # passes the check, then fails (out of memory on a later call)
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("out of memory (simulated)")
+        return d["x"] * 2
+
+    floor_calls = []
+
+    def floor(d):  # the floor's first call is untimed, its second sizes its samples
+        floor_calls.append(1)
+        return 1 / 0 if len(floor_calls) > 2 else d["x"].clone()
+
+    case = _tiny_case(flaky=flaky, good=_double)
+    case.floor = floor
+    res = harness.run_case(case, "cpu", quick=False, **FAST)
+    cs = res["contenders"]
+    assert res["status"] == "ok"
+    assert cs["flaky"]["status"] == "error" and cs["flaky"]["error"].startswith("while timing: RuntimeError")
+    assert "median_s" not in cs["flaky"]
+    assert cs["good"]["median_s"] > 0 and cs["eager"]["rounds"] == 4
+    assert "ZeroDivisionError" in res["floor_error"] and res["floor"] is None
+
+
+def _summary_of(contenders: dict, **case) -> str:
+    res = {"op": "toy", "name": "tiny", "status": "ok", "error": "", "reference": "eager", "floor": None,
+           "contenders": contenders, **case}
+    return "\n".join(report._summary([res]))
+
+
+def test_summary_reports_failed_kernels_and_the_binding_roofline():
+    ok = {"status": "ok", "median_s": 1e-3, "bw_fraction": 0.01, "flops_fraction": 0.5, "speedup_vs_eager": 2.0}
+    assert "| 50% |" in _summary_of({"eager": dict(ok), "wmkernels-cpu": ok})  # compute-bound: the matmul peak
+    failed = _summary_of({"eager": ok, "wmkernels-cpu": {"status": "FAILED", "error": "output 1 differs"}})
+    assert "wmkernels-cpu FAILED" in failed
+    assert "case error" in _summary_of({}, status="error", error="setup: boom")
+    train = _summary_of({"bare-loop": ok, "wmkernels-train": {**ok, "speedup_vs_eager": None,
+                                                              "speedup_vs_reference": 0.97}}, reference="bare-loop")
+    assert "0.97x vs bare-loop" in train
+    unchecked = _summary_of({"eager": {"status": "error", "error": "out of memory"},
+                             "wmkernels-cpu": {**ok, "status": "unchecked"}})
+    assert "**unchecked**" in unchecked
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
+    (["--only", "("], "is not a regular expression"),
+])
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    from wmkernels.bench.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is absent")
+def test_device_cuda_without_cuda_is_a_clear_usage_error(capsys):
+    from wmkernels.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "cuda", "--quick"])
+    assert exc.value.code == 2 and "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_a_run_that_selects_no_case_fails(tmp_path, monkeypatch):
+    from wmkernels.bench import __main__ as cli, roofline
+
+    monkeypatch.setattr(roofline, "measure", lambda device, quick: {"copy_gbps": 1.0, "matmul_tflops": {"float32": 1.0}})
+    argv = ["--op", "mse", "--device", "cpu", "--quick", "--in-process", "--out", str(tmp_path)]
+    assert cli.main(argv + ["--only", "no-such-case"]) == 1
+    assert cli.main(["--op", "no-such-op", *argv[2:]]) == 1
+
+
+def test_contrastive_contenders_return_gradients_in_the_input_dtype():
+    from wmkernels.bench import contrastive
+
+    case = contrastive._case("cpu", 64, 32, torch.bfloat16)  # an fp32 copy would count in time and memory
+    inputs = case.setup()
+    for name in harness.active_contenders(case, quick=True):
+        _, dz1, dz2, _ = case.contenders[name](inputs)
+        assert dz1.dtype == dz2.dtype == torch.bfloat16, name
+
+
+def test_train_case_inputs_remove_their_log_folder():
+    from wmkernels.bench import train
+
+    inputs = train.cases("cpu", quick=True)[0].setup()
+    out_dir = Path(inputs["cfg"].out_dir)
+    assert out_dir.is_dir()
+    del inputs
+    assert not out_dir.exists()  # every benchmark run used to leave one per setup() in /tmp

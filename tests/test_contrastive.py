@@ -179,6 +179,13 @@ def test_module_learnable_scale(backend):
     assert_close(fixed(z1.to(dev), z2.to(dev)).cpu(), reference(z1, z2, 5.0), torch.float64)
 
 
+@pytest.mark.parametrize("kwargs", [dict(temperature=0.0, learnable_scale=True), dict(temperature=-1.0),
+                                    dict(temperature=float("inf")), dict(max_scale=0.0), dict(temperature="0.1")])
+def test_module_bad_options_name_the_argument(kwargs):
+    with pytest.raises(ValueError, match=f"^{next(iter(kwargs))}: expected a positive finite number"):
+        wmkernels.nn.ContrastiveLoss(**kwargs)
+
+
 def test_opcheck(backend):
     dev = device_for(backend)
     z1, z2 = torch.randn(9, 5).to(dev).requires_grad_(), torch.randn(9, 5).to(dev).requires_grad_()
@@ -210,6 +217,9 @@ def test_compile_fullgraph(backend):
         (dict(temperature=-1.0), ValueError, "temperature: expected a positive"),
         (dict(temperature=torch.tensor(-0.1)), ValueError, "temperature: expected a positive"),
         (dict(logit_scale=torch.tensor([1.0, 2.0])), ValueError, "logit_scale: expected a scalar"),
+        (dict(logit_scale=torch.tensor(math.inf)), ValueError, "logit_scale: expected a positive finite"),
+        (dict(logit_scale=True), TypeError, "logit_scale: expected a number"),
+        (dict(temperature=None), TypeError, "temperature: expected a number or a one-element tensor"),
         (dict(labels=torch.tensor([0, 1, 2, 3, 4, 6])), ValueError, r"labels: expected values in \[0, 6\)"),
         (dict(labels=torch.tensor([0, 1, 2, 3, 4, -1])), ValueError, r"labels: expected values in \[0, 6\)"),
         (dict(labels=torch.tensor([0, 0, 2, 3, 4, 5])), ValueError, "labels: with symmetric=True"),
@@ -228,6 +238,35 @@ def test_bad_inputs(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         wmkernels.contrastive_loss(**args)
+
+
+def test_numpy_scalars_are_numbers(backend):
+    """Options read from a config often arrive as NumPy scalars."""
+    np = pytest.importorskip("numpy")
+    dev = device_for(backend)
+    z1, z2 = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    want = reference(z1, z2, 20.0, eps=0.1)
+    for kw in (dict(temperature=np.float32(0.05)), dict(logit_scale=np.float64(20.0))):
+        loss = wmkernels.contrastive_loss(z1.to(dev), z2.to(dev), label_smoothing=np.float64(0.1), backend=backend, **kw)
+        assert_close(loss.cpu(), want, torch.float32)
+
+
+def test_autocast_does_not_lower_the_loss_precision(backend):
+    """Under autocast the backends' own matmuls once ran in bf16 in the forward only: the saved
+    logsumexp then disagreed with the backward's fp32 logits (27% gradient error at scale 50)."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(64, 64, generator=g)
+    z2 = z1 + 3 * torch.randn(64, 64, generator=g)
+    grads = []
+    for enabled in (False, True):
+        x1, x2 = z1.to(dev).requires_grad_(), z2.to(dev).requires_grad_()
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=enabled):
+            loss = wmkernels.contrastive_loss(x1, x2, logit_scale=50.0, label_smoothing=0.1, backend=backend)
+        loss.backward()
+        grads.append((loss.detach().cpu(), x1.grad.cpu(), x2.grad.cpu()))
+    for plain, autocast in zip(*grads):
+        assert_close(autocast, plain, torch.float32)
 
 
 def test_repeated_labels_allowed_one_direction(backend):
@@ -314,6 +353,32 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _unequal_batch_worker(rank, world, port, out_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    z = torch.randn(4 - rank, 8)
+    errors = []
+    for mode in ("gather", "ring"):
+        try:
+            wmkernels.contrastive_loss(z, z + 1, distributed=mode, backend="torch")
+        except ValueError as e:
+            errors.append(str(e))
+    torch.save(errors, f"{out_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_distributed_unequal_batches_are_refused(tmp_path):
+    """Ranks with different batch sizes once aborted the process inside gloo."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "errors")
+    mp.spawn(_unequal_batch_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    for rank in range(2):
+        errors = torch.load(f"{out}.{rank}")
+        assert len(errors) == 2 and all("same (batch, dim) on every rank" in e and "(4, 8), (3, 8)" in e for e in errors)
 
 
 @pytest.mark.slow
@@ -431,6 +496,25 @@ def test_far_columns_at_clip_scale(backend, dtype):
     # bf16 on Triton rounds the normalized rows to bf16 (as eager bf16 does); at scale 100 that
     # moves logits by up to ~0.4 against the fp64 reference
     check(ours, ref, dtype, grad_scale=2.0 if dtype == torch.bfloat16 and backend == "triton" else 1.0)
+
+
+@pytest.mark.parametrize("backend", [b for b in (*FULL_BACKENDS, "triton") if b != "triton" or TRITON_AVAILABLE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e6, 1e10])
+def test_huge_scales_keep_recomputed_logits_exact(backend, dtype, scale):
+    """The backward recomputes each logit: it must round it as the forward did, or an ulp of
+    difference times the scale puts a logit above its logsumexp (the cpu backend's fused
+    multiply-add once gave 1e-2 relative gradient errors at 1e6 and NaN at 1e10)."""
+    g = torch.Generator().manual_seed(5)
+    z1, z2 = torch.randn(37, 16, generator=g), torch.randn(37, 16, generator=g)
+    grads = []
+    for b, dt in ((backend, dtype), ("torch", torch.float64)):
+        x1, x2 = z1.to(dt).requires_grad_(), z2.to(dt).requires_grad_()
+        loss = wmkernels.contrastive_loss(x1.to(device_for(b)), x2.to(device_for(b)), logit_scale=scale, backend=b)
+        grads.append(torch.autograd.grad(loss, (x1, x2)))
+    for ours, ref in zip(*grads):
+        err = (ours.double() - ref).abs().max() / ref.abs().max()
+        assert err < (1e-5 if dtype == torch.float32 else 1e-12), err
 
 
 @pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton backend not runnable here")

@@ -113,6 +113,20 @@ def test_triton_multi_program_and_six_dims():
 
 
 @pytest.mark.parametrize("backend_name", FULL_BACKENDS + (["triton"] if TRITON_AVAILABLE else []))
+def test_broadcast_weight_splitting_six_dims(backend_name):
+    """A weight whose size-1 dims alternate with its own splits six dims even when every operand is
+    contiguous: the five-dim kernels materialize it (the layout once raised or dropped a dim)."""
+    dev = device_for(backend_name)
+    x = torch.randn(2, 3, 4, 5, 6, 7).to(dev).requires_grad_(True)
+    y, w = torch.randn(2, 3, 4, 5, 6, 7).to(dev), torch.rand(2, 1, 4, 1, 6, 1).to(dev)
+    for reduction in ("mean", "sum"):
+        ours = wmkernels.mse_loss(x, y, reduction=reduction, weight=w, backend=backend_name)
+        ref = ref_mse(x.double(), y.double(), w.double(), reduction)
+        assert_close(ours, ref, torch.float32)
+        assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0], torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", FULL_BACKENDS + (["triton"] if TRITON_AVAILABLE else []))
 def test_matches_torch_functional(backend_name):
     dev = device_for(backend_name)  # F.mse_loss runs on the same device
     x, y = torch.randn(4, 5, 6).to(dev).requires_grad_(True), torch.randn(4, 5, 6).to(dev)
@@ -124,6 +138,19 @@ def test_matches_torch_functional(backend_name):
         torch.testing.assert_close(torch.autograd.grad(ours.sum(), x)[0], torch.autograd.grad(theirs.sum(), x)[0])
         ours_w = wmkernels.mse_loss(x, y, reduction=reduction, weight=w, backend=backend_name)
         torch.testing.assert_close(ours_w, F.mse_loss(x, y, reduction=reduction, weight=w))
+
+
+@pytest.mark.parametrize("backend_name", FULL_BACKENDS + (["triton"] if TRITON_AVAILABLE else []))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_like_functional(backend_name, reduction):
+    """numel 0: F.mse_loss's NaN mean and zero sum, and an empty gradient (the Triton backward
+    once divided by the zero count on the host)."""
+    dev = device_for(backend_name)
+    x, y = torch.empty(0, 3, device=dev, requires_grad=True), torch.empty(0, 3, device=dev, requires_grad=True)
+    ours = wmkernels.mse_loss(x, y, reduction=reduction, backend=backend_name)
+    torch.testing.assert_close(ours, F.mse_loss(x, y, reduction=reduction), equal_nan=True)
+    gx, gy = torch.autograd.grad(ours.sum(), (x, y))
+    assert gx.shape == x.shape and gy.shape == y.shape
 
 
 MIXED = [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.float32),

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .ops.contrastive import contrastive_loss
+from .ops.contrastive import _is_real, contrastive_loss
 from .ops.masked import masked_mse_loss
 from .ops.mse import mse_loss
 
@@ -45,6 +45,9 @@ class ContrastiveLoss(torch.nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        for name, v in (("temperature", temperature), ("max_scale", max_scale)):
+            if not _is_real(v) or not 0 < v < math.inf:
+                raise ValueError(f"{name}: expected a positive finite number, got {v!r}")
         self.temperature, self.max_scale = temperature, max_scale
         self.logit_scale = (
             torch.nn.Parameter(torch.tensor(math.log(1.0 / temperature))) if learnable_scale else None

@@ -81,25 +81,36 @@ WMK_INLINE void col_exp_impl(const T* x, int64_t n, const T* cm, T* cs) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) cs[j] += exp_acc(x[j] - cm[j]);
 }
-// Backward: x <- g_r (exp(s x - lse_r) - sr) [+ g_c[j] (exp(s x - lse_c[j]) - sc)], in place.
-template <typename T, bool SYM>
-WMK_INLINE void grad_row_impl(T* x, int64_t n, T s, T lse_r, T g_r, T sr, const T* lse_c, const T* g_c, T sc) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const T v = s * x[j];
-    T g = g_r * (exp_acc(v - lse_r) - sr);
-    if constexpr (SYM) g += g_c[j] * (exp_acc(v - lse_c[j]) - sc);
-    x[j] = g;
-  }
-}
-
 #define WMK_KERNELS(T)                                                                                   \
   WMK_CLONES T scale_max(T* x, int64_t n, T s) { return scale_max_impl<T>(x, n, s); }                    \
   WMK_CLONES T exp_sum(const T* x, int64_t n, T m) { return exp_sum_impl<T>(x, n, m); }                  \
   WMK_CLONES void col_max(const T* x, int64_t n, T* cm, int64_t* carg, int64_t row) {                    \
     col_max_impl<T>(x, n, cm, carg, row);                                                                \
   }                                                                                                      \
-  WMK_CLONES void col_exp(const T* x, int64_t n, const T* cm, T* cs) { col_exp_impl<T>(x, n, cm, cs); }  \
+  WMK_CLONES void col_exp(const T* x, int64_t n, const T* cm, T* cs) { col_exp_impl<T>(x, n, cm, cs); }
+WMK_KERNELS(float)
+WMK_KERNELS(double)
+
+// The backward recomputes each logit as the forward rounded it (s * x, then minus the logsumexp):
+// contracted into a fused multiply-add, s * x - lse would skip the product's rounding, an error of
+// ulp(logit) that a large scale turns into a wrong probability.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+// Backward: x <- g_r (exp(s x - lse_r) - sr) [+ g_c[j] (exp(s x - lse_c[j]) - sc)], in place.
+// Exponents capped at 0 (a probability is at most 1) as a guard: an ulp of difference between the
+// forward's logits and these, times a scale of 1e6+, would otherwise overflow the exp.
+template <typename T, bool SYM>
+WMK_INLINE void grad_row_impl(T* x, int64_t n, T s, T lse_r, T g_r, T sr, const T* lse_c, const T* g_c, T sc) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = s * x[j];
+    T g = g_r * (exp_acc(std::min(v - lse_r, T(0))) - sr);
+    if constexpr (SYM) g += g_c[j] * (exp_acc(std::min(v - lse_c[j], T(0))) - sc);
+    x[j] = g;
+  }
+}
+
+#define WMK_GRAD_KERNEL(T)                                                                               \
   WMK_CLONES void grad_row(T* x, int64_t n, T s, T lr, T gr, T sr, const T* lc, const T* gc, T sc,       \
                            bool sym) {                                                                   \
     if (sym) {                                                                                           \
@@ -108,8 +119,9 @@ WMK_INLINE void grad_row_impl(T* x, int64_t n, T s, T lse_r, T g_r, T sr, const 
       grad_row_impl<T, false>(x, n, s, lr, gr, sr, lc, gc, sc);                                          \
     }                                                                                                    \
   }
-WMK_KERNELS(float)
-WMK_KERNELS(double)
+WMK_GRAD_KERNEL(float)
+WMK_GRAD_KERNEL(double)
+#pragma GCC pop_options
 
 constexpr int64_t kColChunk = 128;  // columns per task in the column pass: ti x 128 stays in L2
 

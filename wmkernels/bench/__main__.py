@@ -68,6 +68,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rounds is None:
         args.rounds = 5 if args.quick else 15
+    for name in ("rounds", "jobs", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.only is not None:
+        try:
+            re.compile(args.only)
+        except re.error as exc:
+            p.error(f"--only {args.only!r} is not a regular expression: {exc}")
+    if args.device == "cuda" and args.worker is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error(f"--device cuda: torch {torch.__version__} sees no CUDA device "
+                    f"(torch.cuda.is_available() is False); use --device cpu")
     return args
 
 
@@ -162,7 +176,10 @@ def memory_worker(args) -> dict:
         inputs = case.setup()
         fns = harness.active_contenders(case, args.quick)
         for name in names:
-            peak, method = harness.cpu_peak_extra_bytes(fns[name], inputs)
+            try:  # one contender failing here must not cost the others of this process their numbers
+                peak, method = harness.cpu_peak_extra_bytes(fns[name], inputs)
+            except Exception as exc:
+                peak, method = None, f"failed: {type(exc).__name__}: {exc}"
             out[f"{case_name}/{name}"] = {"peak_extra_bytes": peak, "memory_method": method}
         del inputs
     return out
@@ -411,6 +428,10 @@ def main(argv=None) -> int:
     failed += [op for op, why in payload["skipped_ops"].items() if why.startswith("cases() failed")]
     if failed:
         _say(f"{len(failed)} contender(s) failed or errored: {', '.join(failed)}")
+        return 1
+    if not payload["cases"]:  # a typo in --op/--only/--dtype must not pass for a clean run
+        _say(f"no case was run: nothing matched --op {args.op}"
+             + (f" --only {args.only}" if args.only else "") + (f" --dtype {args.dtype}" if args.dtype else ""))
         return 1
     return 0
 

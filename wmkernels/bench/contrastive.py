@@ -27,11 +27,13 @@ def eager_formula(z1: torch.Tensor, z2: torch.Tensor, scale: torch.Tensor) -> to
 
 
 def _fwd_bwd(loss_fn):
-    """A contender: (loss, d z1, d z2, d scale) of one forward+backward."""
+    """A contender: (loss, d z1, d z2, d scale) of one forward+backward. The gradients are returned
+    as computed: an fp32 copy of bf16 ones would add its bytes to every contender's time and peak
+    memory (the check compares in float64 anyway)."""
     def run(d):
         loss = loss_fn(d["z1"], d["z2"], d["scale"])
         grads = torch.autograd.grad(loss, (d["z1"], d["z2"], d["scale"]))
-        return (loss.detach().float(), *(g.float() for g in grads))
+        return (loss.detach().float(), *grads)
     return run
 
 
@@ -49,6 +51,17 @@ def _infcl():
         return 0.5 * (row.mean() + col.mean())
 
     return loss
+
+
+# Positives z1 + noise at cosine ~0.45: a loss of a few nats, as in training. Closer pairs saturate
+# the softmax (loss ~0.01), where bf16 eager's own gradients are 20% off and no check can be tight.
+_NOISE = 2.0
+
+
+def _atol(tol: float, rows: int) -> float:
+    """The loss averages `rows` rows, so gradient elements are ~0.03 / rows (rms): an absolute
+    tolerance well below that (zeros fail), above bf16 eager's own rounding of the small ones."""
+    return tol * 0.1 / rows
 
 
 # GPU: torch.compile (a fresh compilation per shape) only up to this B; the eager formula above it is
@@ -72,7 +85,7 @@ def _case(device: str, b: int, d: int, dtype: torch.dtype) -> Case:
     def setup():
         g = torch.Generator(device=device).manual_seed(b + d)
         z1 = torch.randn(b, d, device=device, dtype=dtype, generator=g)
-        z2 = (z1 + 0.5 * torch.randn(b, d, device=device, dtype=dtype, generator=g)).requires_grad_()
+        z2 = (z1 + _NOISE * torch.randn(b, d, device=device, dtype=dtype, generator=g)).requires_grad_()
         scale = torch.tensor(14.0, device=device, requires_grad=True)
         return {"z1": z1.requires_grad_(), "z2": z2, "scale": scale}
 
@@ -82,13 +95,12 @@ def _case(device: str, b: int, d: int, dtype: torch.dtype) -> Case:
     too_big = device.startswith("cuda") and b * b * es * 4 > torch.cuda.get_device_properties(0).total_memory
     reference = "infcl-flash" if too_big and "infcl-flash" in contenders else "eager"
     name = f"B{b}-D{d}-{str(dtype).removeprefix('torch.')}"
-    # Gradients are O(1 / B); the loss is O(log B).
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     return Case(
         op="contrastive", name=name, size=b, setup=setup, contenders=contenders, reference=reference,
         bytes_moved=4 * b * d * es,  # read z1, z2 once, write d z1, d z2 once
         flops=6 * b * b * d,  # nominal: 2 B^2 D forward + 4 B^2 D backward (recomputation not credited)
-        rtol=tol, atol=tol / 10, params={"B": b, "D": d, "dtype": str(dtype).removeprefix("torch.")},
+        rtol=tol, atol=_atol(tol, b), params={"B": b, "D": d, "dtype": str(dtype).removeprefix("torch.")},
         dtype=str(dtype).removeprefix("torch."),
     )
 
@@ -102,7 +114,7 @@ def _gather_case(device: str, rows: int, world: int, d: int, dtype: torch.dtype)
         g = torch.Generator(device=device).manual_seed(rows + n + d)
         z1 = torch.randn(rows, d, device=device, dtype=dtype, generator=g)
         z2 = torch.randn(n, d, device=device, dtype=dtype, generator=g)
-        z2[:rows] = z1 + 0.5 * torch.randn(rows, d, device=device, dtype=dtype, generator=g)
+        z2[:rows] = z1 + _NOISE * torch.randn(rows, d, device=device, dtype=dtype, generator=g)
         scale = torch.tensor(14.0, device=device, requires_grad=True)
         return {"z1": z1.requires_grad_(), "z2": z2.requires_grad_(), "scale": scale}
 
@@ -125,7 +137,7 @@ def _gather_case(device: str, rows: int, world: int, d: int, dtype: torch.dtype)
     return Case(
         op="contrastive", name=f"gather-M{rows}-N{n}-D{d}-{str(dtype).removeprefix('torch.')}", size=rows * n,
         setup=setup, contenders=contenders, reference="eager", bytes_moved=2 * (rows + n) * d * es,
-        flops=6 * rows * n * d, rtol=tol, atol=tol / 10, params={"M": rows, "N": n, "D": d},
+        flops=6 * rows * n * d, rtol=tol, atol=_atol(tol, rows), params={"M": rows, "N": n, "D": d},
         dtype=str(dtype).removeprefix("torch."),
     )
 

@@ -100,7 +100,9 @@ def _flatten(out) -> list:
 
 
 def compare(out, ref, rtol: float, atol: float) -> tuple[bool, str, float]:
-    """(equal, why not, max abs error) of a contender's outputs vs the reference's."""
+    """(equal, why not, max abs error) of a contender's outputs vs the reference's: elementwise
+    within `rtol`/`atol`, and as a whole within `rtol` of the reference's norm, so that an `atol`
+    above an output's scale (gradients of O(1/B)) cannot pass zeros or half the right values."""
     a, b = _flatten(out), _flatten(ref)
     if len(a) != len(b):
         return False, f"returned {len(a)} values, reference returned {len(b)}", math.inf
@@ -122,6 +124,12 @@ def compare(out, ref, rtol: float, atol: float) -> tuple[bool, str, float]:
             bad = int((~torch.isclose(xd, yd, rtol=rtol, atol=atol, equal_nan=True)).sum())
             return False, (f"output {i}: {bad} of {x.numel()} elements differ beyond rtol={rtol:g} "
                            f"atol={atol:g} (max abs err {worst:.3g})"), worst
+        finite = torch.isfinite(xd) & torch.isfinite(yd)  # non-finite values matched above
+        ref_norm = float(yd[finite].norm())
+        rel = float((xd - yd)[finite].norm()) / ref_norm if ref_norm > 0 else 0.0
+        if rel > rtol:
+            return False, (f"output {i}: relative error {rel:.3g} of the whole output (2-norm) exceeds "
+                           f"rtol={rtol:g}"), worst
     return True, "", worst
 
 
@@ -145,29 +153,44 @@ def interleaved_timing(fns: dict[str, Callable], inputs: dict, device: str, *, r
                        min_sample_s: float, max_seconds: float, min_rounds: int = 3) -> dict[str, dict]:
     """Times every function in round-robin rounds (order rotated each round). Each sample is
     `reps` back-to-back calls, `reps` chosen per function so a sample lasts about `min_sample_s`.
-    Stops after `rounds` rounds, or after `min_rounds` once `max_seconds` have passed."""
+    Stops after `rounds` rounds, or after `min_rounds` once `max_seconds` have passed. A function
+    that raises (out of memory on its tenth call) leaves the rounds with {"error": ...} as its
+    result, and the others keep theirs."""
     names = list(fns)
-    reps = {}
+    reps, errors = {}, {}
     for name in names:
-        for _ in range(max(warmup - 1, 0)):
-            fns[name](inputs)
-        t, _ = _time_block(fns[name], inputs, 1, device)  # the last warm-up call sizes the samples
+        try:
+            for _ in range(max(warmup - 1, 0)):
+                fns[name](inputs)
+            t, _ = _time_block(fns[name], inputs, 1, device)  # the last warm-up call sizes the samples
+        except Exception as exc:
+            errors[name] = f"while timing: {type(exc).__name__}: {exc}"
+            continue
         reps[name] = max(1, min(1000, math.ceil(min_sample_s / max(t, 1e-9))))
+    names = [n for n in names if n not in errors]
     samples: dict[str, list[float]] = {n: [] for n in names}
     faults: dict[str, int] = {n: 0 for n in names}
     calls: dict[str, int] = {n: 0 for n in names}
     gc.collect()
     start = time.perf_counter()
     for r in range(rounds):
+        if not names:
+            break
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            t, f = _time_block(fns[name], inputs, reps[name], device)
+            try:
+                t, f = _time_block(fns[name], inputs, reps[name], device)
+            except Exception as exc:
+                errors[name] = f"while timing: {type(exc).__name__}: {exc}"
+                continue
             samples[name].append(t)
             faults[name] += f
             calls[name] += reps[name]
+        names = [n for n in names if n not in errors]
         if r + 1 >= min_rounds and time.perf_counter() - start > max_seconds:
             break
-    return {n: summarize(samples[n], reps[n], faults[n] / max(calls[n], 1)) for n in names}
+    out = {n: summarize(samples[n], reps[n], faults[n] / max(calls[n], 1)) for n in names}
+    return {**out, **{n: {"error": e} for n, e in errors.items()}}
 
 
 def summarize(samples: list[float], reps: int, faults_per_call: float) -> dict:
@@ -299,10 +322,18 @@ def run_case(case: Case, device: str, *, quick: bool, rounds: int, warmup: int, 
     stats = interleaved_timing(timed, inputs, device, rounds=rounds, warmup=warmup,
                                min_sample_s=min_sample_s, max_seconds=max_seconds) if timed else {}
     for name, st in stats.items():
-        if name == "__floor__":
+        if "error" in st:
+            if name == "__floor__":
+                res["floor_error"] = st["error"]
+            else:
+                res["contenders"][name].update(status="error", error=st["error"])
+            timed.pop(name)
+        elif name == "__floor__":
             res["floor"] = st
         else:
             res["contenders"][name].update(st)
+    if len(timed) < len(stats):
+        _release(device)
     if measure_cuda_memory is None:
         measure_cuda_memory = device.startswith("cuda")
     if measure_cuda_memory:

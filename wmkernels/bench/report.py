@@ -51,19 +51,34 @@ def _machine_lines(payload: dict) -> list[str]:
     return lines
 
 
+def _roofline_fraction(r: dict):
+    """The binding roofline: the larger of the bandwidth and the matmul-peak fractions."""
+    fracs = [f for f in (r.get("bw_fraction"), r.get("flops_fraction")) if f is not None]
+    return max(fracs) if fracs else None
+
+
 def _summary(cases: list[dict]) -> list[str]:
+    """The fastest wmkernels contender of each case (checked ones first); failed or raising
+    wmkernels contenders and case errors get a row saying so, not silence."""
     rows = []
     for c in cases:
-        best = None
-        for name, r in c["contenders"].items():
-            if name.startswith("wmkernels") and r.get("status") == "ok" and r.get("median_s"):
-                if best is None or r["median_s"] < best[1]["median_s"]:
-                    best = (name, r)
-        if best:
-            r = best[1]
-            rows.append(f"| {c['op']} | {c['name']} | {best[0]} | {_f(r['median_s'], '.3f', 1e3)} | "
-                        f"{_ratio(r.get('speedup_vs_eager'))} | {_ratio(r.get('speedup_vs_compile'))} | "
-                        f"{_pct(r.get('floor_fraction'))} | {_pct(r.get('bw_fraction') or r.get('flops_fraction'))} |")
+        ours = {n: r for n, r in c["contenders"].items() if n.startswith("wmkernels")}
+        timed = {n: r for n, r in ours.items() if r.get("status") in ("ok", "unchecked") and r.get("median_s")}
+        if timed:  # checked ones first: an unchecked time (the reference failed) only where none is checked
+            name = min(timed, key=lambda n: (timed[n]["status"] != "ok", timed[n]["median_s"]))
+            r = timed[name]
+            label = name if r["status"] == "ok" else f"{name} (**unchecked**: {c['reference']} failed)"
+            vs_eager = _ratio(r.get("speedup_vs_eager"))
+            if r.get("speedup_vs_eager") is None and r.get("speedup_vs_reference") is not None:
+                vs_eager = f"{_ratio(r['speedup_vs_reference'])} vs {c['reference']}"  # e.g. train: vs bare-loop
+            rows.append(f"| {c['op']} | {c['name']} | {label} | {_f(r['median_s'], '.3f', 1e3)} | "
+                        f"{vs_eager} | {_ratio(r.get('speedup_vs_compile'))} | "
+                        f"{_pct(r.get('floor_fraction'))} | {_pct(_roofline_fraction(r))} |")
+        failed = [f"**{n} {r.get('status')}**" for n, r in ours.items() if r.get("status") not in ("ok", "unchecked")]
+        if c.get("status") != "ok":
+            failed = [f"**case error**: {c.get('error', '')}"]
+        if failed:
+            rows.append(f"| {c['op']} | {c['name']} | " + ", ".join(failed).replace("|", "\\|") + " | – | – | – | – | – |")
     if not rows:
         return []
     return ["| op | case | fastest wmkernels | ms | vs eager | vs compile | % of floor | % of roofline |",

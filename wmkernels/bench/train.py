@@ -73,8 +73,10 @@ def cases(device: str, quick: bool) -> list[Case]:
     for objective, res, frames, steps in shapes:
         for precision in precisions:
             def setup(objective=objective, res=res, frames=frames, steps=steps, precision=precision):
-                out_dir = tempfile.mkdtemp(prefix="wmkernels-bench-train-")
-                return {"cfg": _config(objective, res, frames, steps, precision, out_dir, device), "device": device}
+                # held by the inputs: the folder (logs of every timed call) goes when they do
+                tmp = tempfile.TemporaryDirectory(prefix="wmkernels-bench-train-")
+                cfg = _config(objective, res, frames, steps, precision, tmp.name, device)
+                return {"cfg": cfg, "device": device, "tmp": tmp}
 
             out.append(Case(
                 op="train", name=f"{objective}-{res}px-{frames}f-b8-{steps}steps-{precision}", size=steps,

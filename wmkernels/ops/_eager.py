@@ -5,7 +5,7 @@ a registered backward). In eager mode that dispatch layer is the largest fixed c
 measured on the 2-core CI machine, an MSE forward+backward on 16 elements took 190 us through the
 custom op and 65 us through a `torch.autograd.Function` running the same implementation
 (F.mse_loss: 51 us); on an H100 host the fixed cost made a 16M-element MSE several times slower
-than eager PyTorch. So, outside torch.compile and for plain tensors, `autograd_op` runs the op's own
+than eager PyTorch. So, outside torch.compile and for plain tensors (and Parameters), `autograd_op` runs the op's own
 Python implementation and its registered setup_context / backward through an autograd.Function,
 and `call` runs a backward op's implementation directly. Traced tensors (FakeTensor,
 FunctionalTensor: subclasses of torch.Tensor), meta tensors and compiling always go through the
@@ -24,10 +24,13 @@ def _raw(op) -> Callable | None:
     return getattr(op, "_init_fn", None)  # the decorated function (torch.library CustomOpDef)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a learnable weight or scale is a Parameter
+
+
 def _eager(args) -> bool:
     if torch.compiler.is_compiling():
         return False
-    return all(type(a) is torch.Tensor and a.device.type != "meta" for a in args if isinstance(a, torch.Tensor))
+    return all(type(a) in _PLAIN and a.device.type != "meta" for a in args if isinstance(a, torch.Tensor))
 
 
 def call(op, *args):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -14,6 +15,7 @@ from . import _eager
 
 SUPPORTED = ("triton", "cpu", "torch")
 DISTRIBUTED = (None, "gather", "ring")
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class ContrastiveResult(NamedTuple):
@@ -33,6 +35,14 @@ class ContrastiveResult(NamedTuple):
     accuracy_21: torch.Tensor
 
 
+def no_autocast(z: torch.Tensor):
+    """The backends' own matmuls (the torch reference's logits, the smoothing term's matrix-vector
+    product) must stay in the accumulation dtype: under autocast they would run in bf16 / fp16,
+    forward only (backward runs outside it), so the saved logsumexp would not match the logits the
+    backward recomputes (a 27% gradient error at scale 50) and a loss could come out negative."""
+    return torch.autocast(z.device.type, enabled=False)
+
+
 @torch.library.custom_op("wmkernels::contrastive_loss", mutates_args=())
 def contrastive_loss_op(
     z1: torch.Tensor,
@@ -49,9 +59,10 @@ def contrastive_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss_row (M,), loss_col (N,), lse_row, lse_col, hit_row, hit_col) of z1 (M, D) against z2 (N, D);
     the column entries are empty unless `symmetric`. See reference.contrastive.contrastive_forward."""
-    out = impl("contrastive", backend).contrastive_forward(
-        z1, z2, scale, labels_row, labels_col, pos_weight, smooth_row, smooth_col, normalize, symmetric
-    )
+    with no_autocast(z1):
+        out = impl("contrastive", backend).contrastive_forward(
+            z1, z2, scale, labels_row, labels_col, pos_weight, smooth_row, smooth_col, normalize, symmetric
+        )
     loss_r, lse_r, _, hit_r, loss_c, lse_c, _, hit_c = out
     return loss_r, loss_c, lse_r, lse_c, hit_r, hit_c
 
@@ -82,10 +93,11 @@ def contrastive_loss_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d z1, d z2, d scale), recomputing the logits tile by tile from z1, z2 and the saved LSEs."""
-    return impl("contrastive", backend).contrastive_backward(
-        g_row, g_col, z1, z2, scale, labels_row, labels_col, lse_row, lse_col, pos_weight, smooth_row,
-        smooth_col, normalize, symmetric,
-    )
+    with no_autocast(z1):
+        return impl("contrastive", backend).contrastive_backward(
+            g_row, g_col, z1, z2, scale, labels_row, labels_col, lse_row, lse_col, pos_weight, smooth_row,
+            smooth_col, normalize, symmetric,
+        )
 
 
 @contrastive_loss_backward_op.register_fake
@@ -128,6 +140,11 @@ def _scale_tensor(temperature, logit_scale, acc: torch.dtype, device: torch.devi
     return s.to(device=device, dtype=acc).reshape(())
 
 
+def _is_real(v) -> bool:
+    """A plain real number: Python's or NumPy's (np.float32 from a config), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _validate(z1, z2, temperature, logit_scale, labels, label_smoothing, distributed, reduction, symmetric) -> None:
     _validation.check_float_tensor("z1", z1)
     _validation.check_float_tensor("z2", z2)
@@ -138,18 +155,20 @@ def _validate(z1, z2, temperature, logit_scale, labels, label_smoothing, distrib
     _validation.check_reduction(reduction)
     if z1.shape[0] == 0 or z1.shape[1] == 0:
         raise ValueError(f"z1: expected a non-empty (batch, dim) tensor, got shape {tuple(z1.shape)}")
-    for name, v in (("logit_scale", logit_scale), ("temperature", None if logit_scale is not None else temperature)):
-        if v is None:
-            continue
-        if isinstance(v, torch.Tensor):
-            _validation.check_float_tensor(name, v)
-            if v.numel() != 1:
-                raise ValueError(f"{name}: expected a scalar (one element), got shape {tuple(v.shape)}")
-            if v.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(v.detach() > 0):
-                raise ValueError(f"{name}: expected a positive value, got {v.item()}")
-        elif not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
-            raise ValueError(f"{name}: expected a positive finite number, got {v!r}")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
+    name, v = ("logit_scale", logit_scale) if logit_scale is not None else ("temperature", temperature)
+    if isinstance(v, torch.Tensor):
+        _validation.check_float_tensor(name, v)
+        if v.numel() != 1:
+            raise ValueError(f"{name}: expected a scalar (one element), got shape {tuple(v.shape)}")
+        if v.device.type == "cpu" and not torch.compiler.is_compiling():
+            x = v.detach()
+            if not bool((x > 0) & x.isfinite()):
+                raise ValueError(f"{name}: expected a positive finite value, got {x.item()}")
+    elif not _is_real(v):
+        raise TypeError(f"{name}: expected a number or a one-element tensor, got {type(v).__name__}")
+    elif not v > 0 or not math.isfinite(v):
+        raise ValueError(f"{name}: expected a positive finite number, got {v!r}")
+    if not _is_real(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing: expected a number in [0, 1), got {label_smoothing!r}")
     if distributed not in DISTRIBUTED:
         raise ValueError(f"distributed: expected one of {DISTRIBUTED}, got {distributed!r}")
@@ -161,8 +180,8 @@ def _validate(z1, z2, temperature, logit_scale, labels, label_smoothing, distrib
     if labels is not None:
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
-        if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise TypeError(f"labels: expected an integer tensor, got dtype {labels.dtype}")
+        if labels.dtype not in LABEL_DTYPES:
+            raise TypeError(f"labels: expected an integer tensor of dtype {LABEL_DTYPES}, got dtype {labels.dtype}")
         if labels.shape != (z1.shape[0],):
             raise ValueError(f"labels: expected shape ({z1.shape[0]},), got {tuple(labels.shape)}")
         _validation.check_same_device(z1=z1, labels=labels)

@@ -94,9 +94,10 @@ class _RingContrastive(torch.autograd.Function):
             for d, (rows_z, labels) in enumerate(dirs):
                 cols = blocks[1] if d == 0 else blocks[0]
                 lab = _in_block(labels, src * rows, cols.shape[0])
-                loss, lse, mx, hit, *_ = mod.contrastive_forward(
-                    rows_z, cols, scale, lab, lab[:0], pw, sr, sr, normalize, False
-                )
+                with ops.no_autocast(rows_z):
+                    loss, lse, mx, hit, *_ = mod.contrastive_forward(
+                        rows_z, cols, scale, lab, lab[:0], pw, sr, sr, normalize, False
+                    )
                 lin = lse - loss
                 if state[d] is None:
                     state[d] = [lse, lin, mx, hit, torch.full_like(lab, src)]
@@ -135,9 +136,10 @@ class _RingContrastive(torch.autograd.Function):
         def one_direction(g, x, y_blk, labels, lse, src, gx, gy_blk):
             """Local rows x against the visiting block y_blk in one direction: adds the gradients."""
             lab = _in_block(labels, src * rows, rows)
-            d_rows, d_cols, ds = mod.contrastive_backward(
-                g, g[:0], x, y_blk, scale, lab, lab[:0], lse, lse[:0], pw, sr, sr, normalize, False
-            )
+            with ops.no_autocast(x):
+                d_rows, d_cols, ds = mod.contrastive_backward(
+                    g, g[:0], x, y_blk, scale, lab, lab[:0], lse, lse[:0], pw, sr, sr, normalize, False
+                )
             gx += d_rows
             gy_blk += d_cols
             return ds
@@ -156,9 +158,24 @@ class _RingContrastive(torch.autograd.Function):
                 (dscale if need[2] else None), *([None] * 8))
 
 
+def _check_same_shape_on_ranks(z: torch.Tensor, mode: str, world: int, group) -> None:
+    """Every rank must bring a batch of the same shape: the collectives would otherwise abort the
+    process (gloo) or hang. Checked for CPU tensors only: on a GPU the exchange would be a sync."""
+    if z.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    mine = torch.tensor(z.shape, dtype=torch.int64)
+    shapes = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(shapes, mine, group=group)
+    if any(not torch.equal(s, mine) for s in shapes):
+        raise ValueError(
+            f"z1: distributed={mode!r} needs the same (batch, dim) on every rank, got {[tuple(s.tolist()) for s in shapes]}"
+        )
+
+
 def distributed_loss(z1, z2, scale, labels, eps, normalize, symmetric, return_accuracy, mode, reduction, group, backend):
     """This rank's part of the global contrastive loss (see `contrastive_loss`)."""
     world, rank, rows = dist.get_world_size(group), dist.get_rank(group), z1.shape[0]
+    _check_same_shape_on_ranks(z1, mode, world, group)
     n = world * rows
     labels_all = _global_labels(labels, rows, world, rank, z1.device, group)
     if labels is not None:

@@ -27,7 +27,9 @@ def mse_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss, grad): grad is d loss / d input at grad_output = 1 when `fuse_grad`
     (computed in the same pass), else an empty tensor."""
-    if reduction == "none":  # elementwise: nothing to fuse, the reference is one expression
+    # elementwise: nothing to fuse, the reference is one expression; empty: no kernel to launch
+    # (F.mse_loss gives NaN for the mean and 0 for the sum, as the reference does)
+    if reduction == "none" or not input.numel():
         return ref.mse_forward(input, target, weight, reduction, out_dtype), input.new_empty(0)
     backend_impl = impl("mse", backend)
     if fuse_grad:
@@ -54,7 +56,7 @@ def mse_loss_backward_op(
     need_target: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d input, d target) recomputed from the inputs; an empty tensor for one not needed."""
-    module = ref if reduction == "none" else impl("mse", backend)
+    module = ref if reduction == "none" or not input.numel() else impl("mse", backend)
     gi, gt = module.mse_backward(grad_out, input, target, weight, reduction, need_input, need_target)
     return (gi if gi is not None else input.new_empty(0)), (gt if gt is not None else target.new_empty(0))
 
@@ -149,6 +151,7 @@ def mse_loss(
         name == "cpu"
         and grad_wanted
         and reduction != "none"
+        and input.numel() > 0
         # the fused gradient is written in the input's dtype: the target's is its negation
         and (not target.requires_grad or target.dtype == input.dtype)
     )
