@@ -1,7 +1,7 @@
 """wmkernels: fused loss kernels for world-model (video) pre-training.
 
-Functional losses shaped like `torch.nn.functional`, `nn.Module` wrappers in `wmkernels.nn`,
-and backends (triton, cuda, cpu, torch) chosen from the tensors' device.
+Losses shaped like `torch.nn.functional` (modules in `wmkernels.nn`), masks and patch ops for masked
+video modeling, and backends (triton, cuda, cpu, torch) chosen from the tensors' device.
 """
 from ._backends import BackendStatus, available_backends
 from .ops.contrastive import ContrastiveResult, contrastive_loss

@@ -85,7 +85,7 @@ _DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 @functools.cache
 def _warn_fallback(device_type: str, wanted: str, used: str, reason: str) -> None:
     msg = f"wmkernels: backend {wanted!r} unavailable on {device_type} ({reason}); using {used!r}"
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)  # the caller of mse_loss etc.
     log.warning(msg)
 
 

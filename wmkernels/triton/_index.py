@@ -1,6 +1,17 @@
-"""Index arithmetic shared by the Triton kernels: 64-bit offsets of a flat index in a 5-d layout."""
+"""Shared by the Triton kernels: 64-bit offsets of a flat index in a 5-d layout, PyTorch's rounding
+to a stored dtype, and the device a launch runs on."""
+import contextlib
+
+import torch
 import triton
 import triton.language as tl
+
+
+def on_device(t: torch.Tensor):
+    """`t`'s GPU made current around a launch: Triton launches on the current device and its
+    current stream, whatever device the tensors are on (tensors on cuda:1 with cuda:0 current
+    would be read from the wrong GPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @triton.jit
@@ -25,3 +36,16 @@ def offset(idx, CONTIG: tl.constexpr, s1, s2, s3, s4, t0, t1, t2, t3, t4):
     else:
         off = strided_offset(idx, s1, s2, s3, s4, t0, t1, t2, t3, t4)
     return off
+
+
+@triton.jit
+def round_to(x, OUT: tl.constexpr):
+    """x in dtype OUT, rounded to nearest even like PyTorch. bf16 is rounded by hand from the fp32
+    bits: the interpreter's own fp32 -> bf16 conversion truncates."""
+    if OUT == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)  # NaN stays a quiet NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(OUT)

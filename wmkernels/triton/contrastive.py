@@ -596,9 +596,12 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
 
 def _tuned(key: tuple, cands: list, run, logits: int, device: torch.device):
     """run(cand) for the candidate picked for `key`: the first one on CPU (the interpreter), below
-    _TUNE_MIN_ROWS ** 2 logits or with WMKERNELS_TUNE=0, else the fastest when first timed."""
+    _TUNE_MIN_ROWS ** 2 logits, with WMKERNELS_TUNE=0 or under torch.use_deterministic_algorithms
+    (a pick by timing can differ between processes, and with it the rounding), else the fastest
+    when first timed."""
     small = logits < _TUNE_MIN_ROWS ** 2
-    if device.type != "cuda" or small or len(cands) == 1 or os.environ.get("WMKERNELS_TUNE") == "0":
+    fixed = os.environ.get("WMKERNELS_TUNE") == "0" or torch.are_deterministic_algorithms_enabled()
+    if device.type != "cuda" or small or len(cands) == 1 or fixed:
         chosen = cands[0]
     elif key in _picked:
         chosen = _picked[key]

@@ -17,22 +17,10 @@ import triton
 import triton.language as tl
 
 from ..reference import masked as ref
+from ._index import on_device, round_to
 
 _TL = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8"}
 NORM = {"none": 0, "mae": 1, "videomae": 2}
-
-
-@triton.jit
-def _round_to(x, OUT: tl.constexpr):
-    """x in dtype OUT, rounded to nearest even like PyTorch. bf16 is rounded by hand from the fp32
-    bits: the interpreter's own fp32 -> bf16 conversion truncates."""
-    if OUT == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)  # NaN stays a quiet NaN
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(OUT)
 
 
 @triton.jit
@@ -49,7 +37,8 @@ def _patch_offsets(q, b, n, gh, gw, sb, sc, st, sh, sw, PT: tl.constexpr, PH: tl
     th = (n // gw) % gh
     tt = n // (gw * gh)
     origin = b * sb + tt * PT * st + th * PH * sh + tw * PW * sw
-    return origin + c * sc + i * st + j * sh + k * sw, c
+    # 64-bit products: an in-patch index times a stride below 2^31 (an int32 argument) can pass 2^31
+    return origin + c.to(tl.int64) * sc + i.to(tl.int64) * st + j.to(tl.int64) * sh + k.to(tl.int64) * sw, c
 
 
 @triton.jit
@@ -75,7 +64,7 @@ def _per_value(vec, onehot):
 def _loss_rows_kernel(
     pred_ptr, video_ptr, ids_ptr, mask_ptr, mean_ptr, std_ptr, scale_ptr, row_loss_ptr, gp_ptr, gv_ptr,
     R, gh, gw, sb, sc, st, sh, sw, gsb, gsc, gst, gsh, gsw,
-    norm_mode, eps, is_mask, has_affine, write_gp, write_gv,
+    norm_mode, eps: tl.float64, is_mask, has_affine, write_gp, write_gv,
     PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NC: tl.constexpr, NCP: tl.constexpr,
     CHUNK: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -123,7 +112,8 @@ def _loss_rows_kernel(
         var = ss / tl.maximum(cnt - 1.0, 1.0)
         sig = tl.sqrt(var)
         sigma = tl.where(sig > 0, sig, 1.0)
-        inv = tl.where(norm_mode == 2, 1.0 / (sig + eps), 1.0 / tl.sqrt(var + eps))
+        e = tl.full((), eps, ACC)  # passed as fp64: an fp32 argument would round it for fp64 inputs
+        inv = tl.where(norm_mode == 2, 1.0 / (sig + e), 1.0 / tl.sqrt(var + e))
     scale = tl.load(scale_ptr).to(ACC) * w
     total = tl.zeros([CHUNK], ACC)
     sg = tl.zeros([NCP], ACC)
@@ -141,7 +131,7 @@ def _loss_rows_kernel(
         d = tl.where(live, p - y, 0.0)
         total += d * d
         if write_gp != 0:
-            tl.store(gp_ptr + row * P + q, _round_to(scale * d, gp_ptr.dtype.element_ty), mask=valid)
+            tl.store(gp_ptr + row * P + q, round_to(scale * d, gp_ptr.dtype.element_ty), mask=valid)
         if write_gv != 0:
             gy = -scale * d
             sg += tl.sum(tl.where(onehot, gy[:, None], 0.0), axis=0)
@@ -186,7 +176,7 @@ def _gather_kernel(
         valid = q < P
         x, _, _ = _load_x(video_ptr, mean_ptr, std_ptr, q, valid, row // K, n, gh, gw, sb, sc, st, sh, sw,
                           has_affine, PT, PH, PW, NC, ACC)
-        tl.store(out_ptr + row * P + q, _round_to(x, out_ptr.dtype.element_ty), mask=valid)
+        tl.store(out_ptr + row * P + q, round_to(x, out_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -225,7 +215,7 @@ def _unshuffle_kernel(
     x = tl.where(r < K, v, t)
     if has_pos != 0:
         pe = tl.load(pos_ptr + b * psb + n * psn + d * psd, mask=dm, other=0)
-        x = _round_to(x.to(ADD) + pe.to(ADD), out_ptr.dtype.element_ty)
+        x = round_to(x.to(ADD) + pe.to(ADD), out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * D + d, x, mask=dm)
 
 
@@ -282,10 +272,11 @@ def gather_patches(video, ids, tubelet, layout, mean, std, out_dtype) -> torch.T
     mean, std, aff = _affine(mean, std, c, acc, video.device)
     out = torch.empty((b, k, p), dtype=out_dtype, device=video.device)
     if b * k:
-        _gather_kernel[(b * k,)](
-            video, ids.contiguous(), mean, std, out, k, gh, gw, *vs, aff,
-            PT=tubelet[0], PH=tubelet[1], PW=tubelet[2], NC=c, CHUNK=_chunk(p, acc), ACC=_tl_acc(acc),
-        )
+        with on_device(video):
+            _gather_kernel[(b * k,)](
+                video, ids.contiguous(), mean, std, out, k, gh, gw, *vs, aff,
+                PT=tubelet[0], PH=tubelet[1], PW=tubelet[2], NC=c, CHUNK=_chunk(p, acc), ACC=_tl_acc(acc),
+            )
     return out
 
 
@@ -296,10 +287,11 @@ def gather_patches_backward(grad, ids, video_shape, video_dtype, tubelet, layout
     b, k, p = grad.shape
     _, std, aff = _affine(None, std, c, acc, grad.device)
     if b * k:
-        _scatter_kernel[(b * k,)](
-            grad.contiguous(), ids.contiguous(), std, gv, k, gh, gw, *gs, aff,
-            PT=tubelet[0], PH=tubelet[1], PW=tubelet[2], NC=c, CHUNK=_chunk(p, acc), ACC=_tl_acc(acc),
-        )
+        with on_device(grad):
+            _scatter_kernel[(b * k,)](
+                grad.contiguous(), ids.contiguous(), std, gv, k, gh, gw, *gs, aff,
+                PT=tubelet[0], PH=tubelet[1], PW=tubelet[2], NC=c, CHUNK=_chunk(p, acc), ACC=_tl_acc(acc),
+            )
     return gv.to(video_dtype)
 
 
@@ -329,13 +321,14 @@ def _loss_rows(pred, video, index, tubelet, layout, norm_pix, norm_mode, eps, me
     ids = idx if not is_mask else torch.empty(1, dtype=torch.int64, device=pred.device)  # never read
     mask = idx if is_mask else torch.empty(1, dtype=torch.bool, device=pred.device)
     if b * r:
-        _loss_rows_kernel[(b * r,)](
-            pred, video, ids, mask, mean, std, scale, row_loss, gp, gv,
-            r, gh, gw, *vs, *gs,
-            NORM[norm_mode] if norm_pix else 0, float(eps), int(is_mask), aff, int(write_gp), int(write_gv),
-            PT=tubelet[0], PH=tubelet[1], PW=tubelet[2], NC=c, NCP=triton.next_power_of_2(c), CHUNK=_chunk(p, acc),
-            ACC=_tl_acc(acc),
-        )
+        with on_device(pred):
+            _loss_rows_kernel[(b * r,)](
+                pred, video, ids, mask, mean, std, scale, row_loss, gp, gv,
+                r, gh, gw, *vs, *gs,
+                NORM[norm_mode] if norm_pix else 0, float(eps), int(is_mask), aff, int(write_gp), int(write_gv),
+                PT=tubelet[0], PH=tubelet[1], PW=tubelet[2], NC=c, NCP=triton.next_power_of_2(c), CHUNK=_chunk(p, acc),
+                ACC=_tl_acc(acc),
+            )
     loss = row_loss.sum() / denom
     return loss, (gp if write_gp else None), (gv.to(video.dtype) if write_gv else None)
 
@@ -376,10 +369,11 @@ def unshuffle_forward(visible, mask_token, ids_restore, pos_embed, out_dtype) ->
     pos = pos_embed.to(out_dtype).expand(b, n, d) if pos_embed is not None else vis
     ps = pos.stride() if pos_embed is not None else (0, 0, 0)
     if b * n:
-        _unshuffle_kernel[(b * n, triton.cdiv(d, BLOCK_D))](
-            vis, tok, ids_restore.contiguous(), pos, out, k, n, d, *ps, int(pos_embed is not None),
-            ADD=_add_dtype(out_dtype), BLOCK_D=BLOCK_D,
-        )
+        with on_device(vis):
+            _unshuffle_kernel[(b * n, triton.cdiv(d, BLOCK_D))](
+                vis, tok, ids_restore.contiguous(), pos, out, k, n, d, *ps, int(pos_embed is not None),
+                ADD=_add_dtype(out_dtype), BLOCK_D=BLOCK_D,
+            )
     return out
 
 
@@ -391,9 +385,10 @@ def unshuffle_backward(grad, ids_restore, num_visible: int, visible_dtype, token
     if need_visible:
         gv = torch.empty((b, num_visible, d), dtype=grad.dtype, device=grad.device)
         if b * n:
-            _unshuffle_bwd_kernel[(b * n, triton.cdiv(d, BLOCK_D))](
-                grad, ids_restore.contiguous(), gv, num_visible, n, d, BLOCK_D=BLOCK_D,
-            )
+            with on_device(grad):
+                _unshuffle_bwd_kernel[(b * n, triton.cdiv(d, BLOCK_D))](
+                    grad, ids_restore.contiguous(), gv, num_visible, n, d, BLOCK_D=BLOCK_D,
+                )
         gv = gv.to(visible_dtype)
     if need_token:  # a reduction over the mask-token rows: one masked sum
         is_token = (ids_restore >= num_visible).unsqueeze(-1)
@@ -428,7 +423,7 @@ def aot_specs() -> list[tuple]:
             loss_sig = {"pred_ptr": f"*{tp}", "video_ptr": f"*{tv}", "ids_ptr": "*i64", "mask_ptr": "*i1",
                         "mean_ptr": f"*{ta}", "std_ptr": f"*{ta}", "scale_ptr": f"*{ta}", "row_loss_ptr": f"*{ta}",
                         "gp_ptr": f"*{tp}", "gv_ptr": f"*{ta}", "R": i64, **geo, **ggeo,
-                        "norm_mode": "i32", "eps": "fp32", "is_mask": "i32", "has_affine": "i32",
+                        "norm_mode": "i32", "eps": "fp64", "is_mask": "i32", "has_affine": "i32",
                         "write_gp": "i32", "write_gv": "i32", **loss_cx}
             # in the aligned specialization two tubelet / dtype pairs spill a few bytes (12 and 28 on triton 3.9)
             specs.append((_loss_rows_kernel, loss_sig, loss_shape, {}, {"max_spill_bytes": 32}))

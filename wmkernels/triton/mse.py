@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .._layout import padded_layout
 from ..reference.mse import mse_denominator
-from ._index import offset, strided_offset
+from ._index import offset, on_device, round_to, strided_offset
 
 BLOCK = 1024
 ITERS = 8
@@ -73,10 +73,10 @@ def _mse_bwd_kernel(
         g = g * tl.load(w_ptr + wo, mask=mask, other=0.0).to(ACC)
     if WRITE_GX:
         gxo = offset(idx, CONTIG, s1, s2, s3, s4, gxs0, gxs1, gxs2, gxs3, gxs4)
-        tl.store(gx_ptr + gxo, g.to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gx_ptr + gxo, round_to(g, gx_ptr.dtype.element_ty), mask=mask)
     if WRITE_GY:
         gyo = offset(idx, CONTIG, s1, s2, s3, s4, gys0, gys1, gys2, gys3, gys4)
-        tl.store(gy_ptr + gyo, (-g).to(gy_ptr.dtype.element_ty), mask=mask)
+        tl.store(gy_ptr + gyo, round_to(-g, gy_ptr.dtype.element_ty), mask=mask)
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -119,10 +119,11 @@ def mse_forward(input, target, weight, reduction: str, out_dtype: torch.dtype) -
     per_prog = BLOCK * ITERS
     grid = (max(triton.cdiv(n, per_prog), 1),)
     partial = torch.empty(grid[0], dtype=acc, device=input.device)  # every program writes its slot
-    _mse_fwd_kernel[grid](
-        input, target, w, partial, n, *sizes[1:], *strides[0], *strides[1], *strides[2],
-        HAS_W=weight is not None, CONTIG=contig, ACC=_tl_acc(acc), BLOCK=BLOCK, ITERS=ITERS,
-    )
+    with on_device(input):
+        _mse_fwd_kernel[grid](
+            input, target, w, partial, n, *sizes[1:], *strides[0], *strides[1], *strides[2],
+            HAS_W=weight is not None, CONTIG=contig, ACC=_tl_acc(acc), BLOCK=BLOCK, ITERS=ITERS,
+        )
     total = partial.sum()
     if reduction == "mean":
         total = total / mse_denominator(input, weight, acc)
@@ -145,12 +146,13 @@ def mse_backward(grad_out, input, target, weight, reduction: str, need_input: bo
     contig = _is_contig(sizes, [strides[k] for k in (0, 1, 3, 4)])
     grid = (max(triton.cdiv(n, BLOCK), 1),)
     if n:
-        _mse_bwd_kernel[grid](
-            input, target, w, scale, gx, gy, n, *sizes[1:],
-            *strides[0], *strides[1], *strides[2], *strides[3], *strides[4],
-            HAS_W=weight is not None, WRITE_GX=need_input, WRITE_GY=need_target, CONTIG=contig,
-            ACC=_tl_acc(acc), BLOCK=BLOCK,
-        )
+        with on_device(input):
+            _mse_bwd_kernel[grid](
+                input, target, w, scale, gx, gy, n, *sizes[1:],
+                *strides[0], *strides[1], *strides[2], *strides[3], *strides[4],
+                HAS_W=weight is not None, WRITE_GX=need_input, WRITE_GY=need_target, CONTIG=contig,
+                ACC=_tl_acc(acc), BLOCK=BLOCK,
+            )
     return (gx if need_input else None), (gy if need_target else None)
 
 
