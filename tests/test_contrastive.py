@@ -645,3 +645,25 @@ def test_triton_deterministic_mode_never_picks_atomics():
         assert tc._grads_candidates(256, torch.bfloat16) == [tc._TWO_SWEEPS]
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton backend not runnable here")
+def test_triton_deterministic_mode_times_nothing(monkeypatch):
+    """Under deterministic algorithms a large GPU call takes the default tiles: a pick by timing
+    can differ between processes, and the rounding with it."""
+    from wmkernels.triton import contrastive as tc
+
+    def timed(*_):
+        raise AssertionError("timed a candidate")
+
+    monkeypatch.setattr(tc, "_pick", timed)
+    monkeypatch.delenv("WMKERNELS_TUNE", raising=False)
+    big, cuda = tc._TUNE_MIN_ROWS ** 2, torch.device("cuda")
+    with pytest.raises(AssertionError, match="timed"):  # what the test stands on: large cuda calls are timed
+        tc._tuned(("test-key",), ["a", "b"], lambda c: c, big, cuda)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert tc._tuned(("test-key",), ["a", "b"], lambda c: c, big, cuda) == "a"
+    finally:
+        torch.use_deterministic_algorithms(before)
