@@ -667,3 +667,14 @@ def test_triton_deterministic_mode_times_nothing(monkeypatch):
         assert tc._tuned(("test-key",), ["a", "b"], lambda c: c, big, cuda) == "a"
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def test_bad_labels_on_gpu_are_device_asserts(as_on_gpu):
+    """For GPU labels the range and permutation checks are device-side asserts (no host sync)."""
+    z = torch.randn(4, 3)
+    wmkernels.contrastive_loss(z, z, labels=torch.tensor([1, 0, 3, 2]))
+    with pytest.raises(RuntimeError, match=r"^labels: expected values in \[0, 4\)"):
+        wmkernels.contrastive_loss(z, z, labels=torch.tensor([1, 0, 4, 2]), symmetric=False)
+    with pytest.raises(RuntimeError, match="^labels: with symmetric=True labels must be a permutation"):
+        wmkernels.contrastive_loss(z, z, labels=torch.tensor([1, 0, 1, 2]))
+    wmkernels.contrastive_loss(z, z, labels=torch.tensor([1, 0, 1, 2]), symmetric=False)

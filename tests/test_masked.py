@@ -445,6 +445,19 @@ def test_bad_values_on_cpu():
         wmkernels.unshuffle_with_mask_tokens(torch.randn(2, 2, 5), torch.zeros(5), ids_restore)
 
 
+def test_bad_values_on_gpu_are_device_asserts(as_on_gpu):
+    video = make_video(2, 3, (2, 8, 8), "BCTHW", torch.float32)
+    tub, ok = (2, 4, 4), torch.tensor([[0, 3], [1, 2]])
+    assert wmkernels.gather_patches(video, ok, tub).shape == (2, 2, 96)
+    with pytest.raises(RuntimeError, match=r"^ids: expected values in \[0, 4\)"):
+        wmkernels.gather_patches(video, torch.tensor([[0, 4], [1, 2]]), tub)
+    with pytest.raises(RuntimeError, match=r"^index: expected values in \[0, 4\)"):
+        wmkernels.masked_mse_loss(torch.randn(2, 2, 96), video, torch.tensor([[0, -1], [1, 2]]), tub)
+    wmkernels.unshuffle_with_mask_tokens(torch.randn(2, 2, 5), torch.zeros(5), torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]]))
+    with pytest.raises(RuntimeError, match=r"^ids_restore: expected every row to be a permutation"):
+        wmkernels.unshuffle_with_mask_tokens(torch.randn(2, 2, 5), torch.zeros(5), torch.tensor([[0, 1, 2, 3], [0, 0, 2, 3]]))
+
+
 def test_module_wrapper():
     video, index, pred = _loss_inputs(LOSS_CASES[3], torch.float32, torch.float32, "contiguous")
     loss = wmkernels.nn.MaskedMSELoss((2, 8, 8), "BTCHW", norm_pix=False, backend="torch")(pred, video, index)

@@ -63,9 +63,23 @@ def check_divisible(name: str, sizes, tubelet) -> None:
         )
 
 
+def values_ok(t: torch.Tensor) -> bool:
+    """Whether value checks run on the host: CPU tensors outside torch.compile (reading a GPU
+    tensor on the host would sync: those get `device_check` instead)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def device_check(t: torch.Tensor, cond, message: str) -> None:
+    """A value check on a GPU tensor without a host sync: `cond()` (a bool tensor) is asserted on
+    the device, and a failure stops the next synchronizing call with `message` (as an out-of-range
+    index in a torch op does) instead of letting a kernel read out of bounds."""
+    if t.device.type != "cpu" and t.numel() and not torch.compiler.is_compiling():
+        torch._assert_async(cond(), message)
+
+
 def check_index_tensor(name: str, t, shape: tuple[int, ...], upper: int) -> None:
-    """An int64 tensor of `shape` (None: any size) with values in [0, upper); values are checked
-    on CPU only (reading a GPU tensor on the host would sync)."""
+    """An int64 tensor of `shape` (None: any size) with values in [0, upper): checked on the host
+    for CPU tensors, by a device-side assert for GPU ones."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype != torch.int64:
@@ -73,7 +87,8 @@ def check_index_tensor(name: str, t, shape: tuple[int, ...], upper: int) -> None
     if t.dim() != len(shape) or any(s is not None and s != g for s, g in zip(shape, t.shape)):
         want = tuple("*" if s is None else s for s in shape)
         raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
-    if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
+    if values_ok(t) and t.numel():
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= upper:
             raise ValueError(f"{name}: expected values in [0, {upper}), got values in [{lo}, {hi}]")
+    device_check(t, lambda: ((t >= 0) & (t < upper)).all(), f"{name}: expected values in [0, {upper})")

@@ -188,14 +188,22 @@ def _validate(z1, z2, temperature, logit_scale, labels, label_smoothing, distrib
 
 
 def _check_labels(labels: torch.Tensor, n: int, symmetric: bool) -> None:
-    """Range (and permutation when symmetric) check; free on CPU, skipped for GPU tensors (no sync)."""
-    if labels.device.type != "cpu" or torch.compiler.is_compiling():
+    """Range (and permutation when symmetric) check: on the host for CPU labels, by device-side
+    asserts for GPU ones (no sync)."""
+    perm = symmetric and labels.numel() == n
+    perm_msg = "labels: with symmetric=True labels must be a permutation of the columns, got repeats"
+    _validation.device_check(labels, lambda: ((labels >= 0) & (labels < n)).all(),
+                             f"labels: expected values in [0, {n})")
+    if perm:
+        _validation.device_check(labels, lambda: torch.zeros(n, dtype=torch.bool, device=labels.device).scatter_(
+            0, labels.long(), True).all(), perm_msg)
+    if not _validation.values_ok(labels):
         return
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= n:
         raise ValueError(f"labels: expected values in [0, {n}), got values in [{lo}, {hi}]")
-    if symmetric and labels.numel() == n and torch.unique(labels).numel() != n:
-        raise ValueError("labels: with symmetric=True labels must be a permutation of the columns, got repeats")
+    if perm and torch.unique(labels).numel() != n:
+        raise ValueError(perm_msg)
 
 
 def _inverse(labels: torch.Tensor) -> torch.Tensor:

@@ -416,13 +416,16 @@ def unshuffle_with_mask_tokens(
     _validation.check_same_device(visible=visible, mask_token=mask_token, ids_restore=ids_restore,
                                   pos_embed=pos_embed)
     # the backward sends each output row's gradient to one source row: a repeated id would leave
-    # another row's gradient unwritten (values are checked on CPU only, like the range)
-    if ids_restore.device.type == "cpu" and ids_restore.numel() and not torch.compiler.is_compiling():
-        hit = torch.zeros(ids_restore.shape, dtype=torch.bool).scatter_(1, ids_restore, True)
+    # another row's gradient unwritten
+    def covered():
+        return torch.zeros(ids_restore.shape, dtype=torch.bool, device=ids_restore.device).scatter_(1, ids_restore, True)
+
+    perm = f"ids_restore: expected every row to be a permutation of [0, {n}) (Masks.ids_restore)"
+    if _validation.values_ok(ids_restore) and ids_restore.numel():
+        hit = covered()
         if not hit.all():
-            row = int((~hit).any(1).nonzero()[0])
-            raise ValueError(f"ids_restore: expected every row to be a permutation of [0, {n}) "
-                             f"(Masks.ids_restore), row {row} repeats a value")
+            raise ValueError(f"{perm}, row {int((~hit).any(1).nonzero()[0])} repeats a value")
+    _validation.device_check(ids_restore, lambda: covered().all(), perm)
     name = _backends.resolve("unshuffle_with_mask_tokens", UNSHUFFLE_SUPPORTED, visible.device, backend)
     return _unshuffle(visible, mask_token, ids_restore, pos_embed, out_dtype, name)
 

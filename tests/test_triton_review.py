@@ -1,0 +1,101 @@
+"""Triton MSE and masked kernels under GPU semantics: 64-bit patch offsets, PyTorch's bf16
+rounding of stored gradients, eps kept fp64, launches on the tensors' own device. Tiny shapes."""
+import inspect
+import types
+
+import pytest
+import torch
+
+import wmkernels
+from conftest import TRITON_AVAILABLE, device_for
+
+pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton unavailable")
+
+if TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    from wmkernels.triton import _index, masked, mse
+
+    @triton.jit
+    def _offsets_kernel(out_ptr, b, n, gh, gw, sb, sc, st, sh, sw, PT: tl.constexpr, PH: tl.constexpr,
+                        PW: tl.constexpr, NC: tl.constexpr):
+        """Stores the offsets of a patch's values; b and n are int64 as in the loss and gather kernels."""
+        P: tl.constexpr = PT * PH * PW * NC
+        q = tl.arange(0, P)
+        off, _ = masked._patch_offsets(q, b.to(tl.int64), n.to(tl.int64), gh, gw, sb, sc, st, sh, sw,
+                                       PT, PH, PW, NC)
+        tl.store(out_ptr + q, off)
+
+
+def test_patch_offsets_do_not_wrap_at_2_31():
+    """Strides below 2^31 arrive as int32: their products with in-patch indices must not wrap."""
+    pt, ph, pw, nc = 4, 2, 1, 4  # indices up to 3: 3 * stride passes 2^31
+    sc, st, sh, sw = 2**30 + 1, 2**30 + 3, 2**31 - 5, 1
+    out = torch.zeros(pt * ph * pw * nc, dtype=torch.int64, device=device_for("triton"))
+    _offsets_kernel[(1,)](out, 0, 0, 1, 1, 0, sc, st, sh, sw, PT=pt, PH=ph, PW=pw, NC=nc)
+    want = [c * sc + i * st + j * sh + k * sw
+            for i in range(pt) for j in range(ph) for k in range(pw) for c in range(nc)]
+    assert out.tolist() == want
+
+
+def test_mse_bf16_gradients_round_like_torch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, generator=g).bfloat16().to(device_for("triton"))
+    y = torch.randn(3000, generator=g).bfloat16().to(x.device)
+    grads = {}
+    for backend in ("torch", "triton"):
+        a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
+        wmkernels.mse_loss(a, b, reduction="sum", backend=backend).backward()
+        grads[backend] = (a.grad, b.grad)
+    assert torch.equal(grads["triton"][0], grads["torch"][0])
+    assert torch.equal(grads["triton"][1], grads["torch"][1])
+
+
+def test_on_device_guards_the_tensors_gpu():
+    fake = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    assert isinstance(_index.on_device(fake), torch.cuda.device) and _index.on_device(fake).idx == 1
+    assert not isinstance(_index.on_device(torch.empty(1)), torch.cuda.device)
+
+
+def test_every_launch_is_guarded(monkeypatch):
+    """Triton launches on the current device: each launcher must enter the tensors' device first."""
+    seen = []
+
+    def record(t):
+        seen.append(t.device)
+        return _index.on_device(t)
+
+    monkeypatch.setattr(mse, "on_device", record)
+    monkeypatch.setattr(masked, "on_device", record)
+    dev = device_for("triton")
+    x = torch.randn(2, 3, device=dev, requires_grad=True)
+    wmkernels.mse_loss(x, torch.randn(2, 3, device=dev), backend="triton").backward()
+    assert len(seen) == 2
+    video = torch.randn(1, 1, 2, 2, 2, device=dev, requires_grad=True)  # one 2x2x2 tubelet, P = 8
+    ids = torch.zeros(1, 1, dtype=torch.int64, device=dev)
+    wmkernels.gather_patches(video, ids, (2, 2, 2), backend="triton").sum().backward()
+    assert len(seen) == 4
+    pred = torch.randn(1, 1, 8, device=dev, requires_grad=True)
+    wmkernels.masked_mse_loss(pred, video, ids, (2, 2, 2), backend="triton").backward()
+    assert len(seen) == 6
+    vis = torch.randn(1, 1, 4, device=dev, requires_grad=True)
+    ids_restore = torch.tensor([[1, 0]], device=dev)
+    wmkernels.unshuffle_with_mask_tokens(vis, torch.zeros(4, device=dev), ids_restore, backend="triton").sum().backward()
+    assert len(seen) == 8 and all(d == x.device for d in seen)
+
+
+def test_masked_loss_eps_stays_fp64():
+    """A compiled kernel gets a Python float as fp32 unless declared fp64 (the interpreter keeps it
+    exact, so there only the declaration shows); eps = 0.1 rounded to fp32 moves the loss by ~2e-9."""
+    declared = inspect.signature(masked._loss_rows_kernel.fn).parameters["eps"].annotation
+    assert triton.runtime.jit._normalize_ty(declared) == "fp64"  # how the launcher reads it
+    g = torch.Generator().manual_seed(0)
+    dev = device_for("triton")
+    video = (torch.randn(1, 3, 2, 4, 4, dtype=torch.float64, generator=g) * 0.3).to(dev)
+    pred = torch.randn(1, 4, 24, dtype=torch.float64, generator=g).to(dev)
+    mask = torch.tensor([[True, False, True, True]], device=dev)
+    for mode in ("mae", "videomae"):
+        want, got = (wmkernels.masked_mse_loss(pred, video, mask, (2, 2, 2), norm_mode=mode, eps=0.1, backend=b)
+                     for b in ("torch", "triton"))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
