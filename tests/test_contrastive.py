@@ -678,3 +678,5 @@ def test_bad_labels_on_gpu_are_device_asserts(as_on_gpu):
     with pytest.raises(RuntimeError, match="^labels: with symmetric=True labels must be a permutation"):
         wmkernels.contrastive_loss(z, z, labels=torch.tensor([1, 0, 1, 2]))
     wmkernels.contrastive_loss(z, z, labels=torch.tensor([1, 0, 1, 2]), symmetric=False)
+    with pytest.raises(RuntimeError, match="^logit_scale: expected a positive finite value"):
+        wmkernels.contrastive_loss(z, z, logit_scale=torch.tensor(-1.0))

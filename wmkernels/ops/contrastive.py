@@ -160,10 +160,10 @@ def _validate(z1, z2, temperature, logit_scale, labels, label_smoothing, distrib
         _validation.check_float_tensor(name, v)
         if v.numel() != 1:
             raise ValueError(f"{name}: expected a scalar (one element), got shape {tuple(v.shape)}")
-        if v.device.type == "cpu" and not torch.compiler.is_compiling():
-            x = v.detach()
-            if not bool((x > 0) & x.isfinite()):
-                raise ValueError(f"{name}: expected a positive finite value, got {x.item()}")
+        x = v.detach()
+        if _validation.values_ok(x) and not bool((x > 0) & x.isfinite()):
+            raise ValueError(f"{name}: expected a positive finite value, got {x.item()}")
+        _validation.device_check(x, lambda: ((x > 0) & x.isfinite()).all(), f"{name}: expected a positive finite value")
     elif not _is_real(v):
         raise TypeError(f"{name}: expected a number or a one-element tensor, got {type(v).__name__}")
     elif not v > 0 or not math.isfinite(v):
