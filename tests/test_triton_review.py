@@ -1,4 +1,4 @@
-"""Triton MSE and masked kernels under GPU semantics: 64-bit patch offsets, PyTorch's bf16
+"""Triton kernels under GPU semantics: 64-bit patch offsets, PyTorch's bf16
 rounding of stored gradients, eps kept fp64, launches on the tensors' own device. Tiny shapes."""
 import inspect
 import types
@@ -15,7 +15,7 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from wmkernels.triton import _index, masked, mse
+    from wmkernels.triton import _index, contrastive, masked, mse
 
     @triton.jit
     def _offsets_kernel(out_ptr, b, n, gh, gw, sb, sc, st, sh, sw, PT: tl.constexpr, PH: tl.constexpr,
@@ -82,7 +82,11 @@ def test_every_launch_is_guarded(monkeypatch):
     vis = torch.randn(1, 1, 4, device=dev, requires_grad=True)
     ids_restore = torch.tensor([[1, 0]], device=dev)
     wmkernels.unshuffle_with_mask_tokens(vis, torch.zeros(4, device=dev), ids_restore, backend="triton").sum().backward()
-    assert len(seen) == 8 and all(d == x.device for d in seen)
+    assert len(seen) == 8
+    monkeypatch.setattr(contrastive, "on_device", record)
+    z = torch.randn(3, 4, device=dev, requires_grad=True)
+    wmkernels.contrastive_loss(z, torch.randn(3, 4, device=dev), backend="triton").backward()
+    assert len(seen) == 10 and all(d == x.device for d in seen)
 
 
 def test_masked_loss_eps_stays_fp64():

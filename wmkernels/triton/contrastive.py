@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ..reference import contrastive as ref
+from ._index import on_device
 
 _TUNE_MIN_ROWS = 8192  # below this many rows (squared: logits) the first candidate config is used, untimed
 _REDUCE_BLOCK = 256  # columns per program of the partials' reduction
@@ -818,7 +819,8 @@ def contrastive_forward(z1, z2, scale, labels_row, labels_col, pos_weight, smoot
                         symmetric):
     acc, a, b, ka, kb = _prepare(z1, z2, normalize)
     scale = scale.to(acc).contiguous()
-    core = _sym_lse(ka, kb, scale, acc) if symmetric else _lse(ka, kb, scale, acc) + (None, None, None)
+    with on_device(ka):
+        core = _sym_lse(ka, kb, scale, acc) if symmetric else _lse(ka, kb, scale, acc) + (None, None, None)
     return ref.finish_forward(a, b, scale, labels_row, labels_col, pos_weight, smooth_row, smooth_col, symmetric, core)
 
 
@@ -832,7 +834,8 @@ def contrastive_backward(
     lse_row, lse_col = lse_row.to(acc).contiguous(), lse_col.to(acc).contiguous()
     lse_c = lse_col if symmetric else lse_row  # placeholders: never read without COL_TERM / ROW_TERM
     g_c = g_col if symmetric else g_row
-    ga, gb = _grads(ka, kb, scale, lse_row, g_row, lse_c, g_c, symmetric, acc)
+    with on_device(ka):
+        ga, gb = _grads(ka, kb, scale, lse_row, g_row, lse_c, g_c, symmetric, acc)
     del ka, kb  # for half inputs a separate copy, no longer needed: the finishing terms read a, b
     return ref.finish_backward(
         z1, z2, a, b, scale, labels_row, labels_col, g_row, g_col, pos_weight, smooth_row, smooth_col,
