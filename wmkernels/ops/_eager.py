@@ -70,14 +70,20 @@ def autograd_op(op, setup_context: Callable, backward: Callable) -> Callable:
 
         @staticmethod
         def backward(ctx, *grads):
+            if not torch.is_grad_enabled():  # the usual case: no create_graph
+                return backward(ctx, *grads)
             with torch.no_grad():
                 out = backward(ctx, *grads)
-            return _no_double_backward(out, name) if torch.is_grad_enabled() else out
+            return _no_double_backward(out, name)
 
     name = getattr(op, "_name", "op")  # the public name, e.g. "contrastive_loss"
     _Function.__name__ = f"{name}_eager"
 
     def run(*args):
-        return _Function.apply(*args) if fn is not None and _eager(args) else op(*args)
+        if fn is None or not _eager(args):
+            return op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return _Function.apply(*args)
+        return fn(*args)  # nothing to differentiate: no autograd node to build
 
     return run
