@@ -196,14 +196,17 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.wmkernels.contrastive_loss.default, args)
 
 
-def test_compile_fullgraph(backend):
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compile_fullgraph(backend, dynamic):
+    """dynamic=True makes the float temperature symbolic: validation must not call math on it."""
     dev = device_for(backend)  # the reference runs on CPU
-    z1, z2 = torch.randn(10, 6).to(dev).requires_grad_(), torch.randn(10, 6).to(dev).requires_grad_()
     fn = torch.compile(lambda a, b: wmkernels.contrastive_loss(a, b, backend=backend), fullgraph=True,
-                       backend="aot_eager")
-    loss = fn(z1, z2)
-    loss.backward()
-    assert_close(loss.cpu(), reference(z1.cpu(), z2.cpu(), 1 / 0.07), torch.float32)
+                       backend="aot_eager", dynamic=dynamic)
+    for rows in (10, 7):
+        z1, z2 = torch.randn(rows, 6).to(dev).requires_grad_(), torch.randn(rows, 6).to(dev).requires_grad_()
+        loss = fn(z1, z2)
+        loss.backward()
+        assert_close(loss.cpu(), reference(z1.cpu(), z2.cpu(), 1 / 0.07), torch.float32)
 
 
 @pytest.mark.parametrize(

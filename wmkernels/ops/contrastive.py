@@ -166,7 +166,7 @@ def _validate(z1, z2, temperature, logit_scale, labels, label_smoothing, distrib
         _validation.device_check(x, lambda: ((x > 0) & x.isfinite()).all(), f"{name}: expected a positive finite value")
     elif not _is_real(v):
         raise TypeError(f"{name}: expected a number or a one-element tensor, got {type(v).__name__}")
-    elif not v > 0 or not math.isfinite(v):
+    elif not 0 < v < math.inf:  # comparisons, not math.isfinite: v is symbolic under dynamic=True
         raise ValueError(f"{name}: expected a positive finite number, got {v!r}")
     if not _is_real(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing: expected a number in [0, 1), got {label_smoothing!r}")
