@@ -65,21 +65,29 @@ def check_divisible(name: str, sizes, tubelet) -> None:
 
 def values_ok(t: torch.Tensor) -> bool:
     """Whether value checks run on the host: CPU tensors outside torch.compile (reading a GPU
-    tensor on the host would sync: those get `device_check` instead)."""
+    tensor on the host would sync, a traced one has no values: those get `device_check`)."""
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def device_check(t: torch.Tensor, cond, message: str) -> None:
-    """A value check on a GPU tensor without a host sync: `cond()` (a bool tensor) is asserted on
-    the device, and a failure stops the next synchronizing call with `message` (as an out-of-range
-    index in a torch op does) instead of letting a kernel read out of bounds."""
-    if t.device.type != "cpu" and t.numel() and not torch.compiler.is_compiling():
+    """A value check without a host sync, for GPU tensors and under torch.compile: `cond()` (a bool
+    tensor) is asserted where the tensor lives (a traced graph keeps the assert), and a failure
+    stops the next synchronizing call with `message` instead of letting a kernel read out of
+    bounds. Build `message` with `shown` for sizes: a symbolic size formatted into it would
+    specialize the graph to that size."""
+    if t.numel() and not values_ok(t):
         torch._assert_async(cond(), message)
+
+
+def shown(n) -> str:
+    """`n` for a message, "N" while tracing (a symbolic size formatted into a string would
+    specialize the graph to it, and dynamo cannot trace the formatting at all)."""
+    return "N" if torch.compiler.is_compiling() else str(n)
 
 
 def check_index_tensor(name: str, t, shape: tuple[int, ...], upper: int) -> None:
     """An int64 tensor of `shape` (None: any size) with values in [0, upper): checked on the host
-    for CPU tensors, by a device-side assert for GPU ones."""
+    for CPU tensors, by an assert where the tensor lives for GPU or traced ones."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype != torch.int64:
@@ -91,4 +99,4 @@ def check_index_tensor(name: str, t, shape: tuple[int, ...], upper: int) -> None
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= upper:
             raise ValueError(f"{name}: expected values in [0, {upper}), got values in [{lo}, {hi}]")
-    device_check(t, lambda: ((t >= 0) & (t < upper)).all(), f"{name}: expected values in [0, {upper})")
+    device_check(t, lambda: ((t >= 0) & (t < upper)).all(), f"{name}: expected values in [0, {shown(upper)})")

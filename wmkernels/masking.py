@@ -79,6 +79,13 @@ def _check_range(name: str, pair, upper: float | None) -> tuple[float, float]:
     return float(pair[0]), float(pair[1])
 
 
+def _rand(*size, device, generator, dtype=None) -> torch.Tensor:
+    """torch.rand, with `generator` left out when None: torch.compile cannot trace an explicit
+    generator=None once the batch size is symbolic (a mask made inside a compiled step)."""
+    extra = {"generator": generator} if generator is not None else {}
+    return torch.rand(*size, device=device, dtype=dtype, **extra)
+
+
 def _device(device, generator: torch.Generator | None) -> torch.device:
     device = torch.device(device if device is not None else (generator.device if generator is not None else "cpu"))
     if generator is not None and generator.device.type != device.type:
@@ -109,7 +116,7 @@ def random(batch_size: int, grid, ratio: float, *, device=None, generator: torch
     device = _device(device, generator)
     n = math.prod(grid)
     k = int(ratio * n)
-    noise = torch.rand(batch_size, n, device=device, generator=generator)
+    noise = _rand(batch_size, n, device=device, generator=generator)
     return from_mask(_top_k_mask(noise, k), k)
 
 
@@ -120,7 +127,7 @@ def tube(batch_size: int, grid, ratio: float, *, device=None, generator: torch.G
     device = _device(device, generator)
     t, h, w = grid
     k = int(ratio * h * w)
-    noise = torch.rand(batch_size, h * w, device=device, generator=generator)
+    noise = _rand(batch_size, h * w, device=device, generator=generator)
     spatial = _top_k_mask(noise, k)
     return from_mask(spatial[:, None, :].expand(batch_size, t, h * w).reshape(batch_size, t * h * w), t * k)
 
@@ -156,7 +163,7 @@ def block(
     t, h, w = grid
     n = t * h * w
     k = int(ratio * n)
-    u = torch.rand(batch_size, num_blocks, 6, device=device, generator=generator, dtype=torch.float64)
+    u = _rand(batch_size, num_blocks, 6, device=device, generator=generator, dtype=torch.float64)
     area = (spatial_scale[0] + (spatial_scale[1] - spatial_scale[0]) * u[..., 0]) * (h * w)
     log_ar = math.log(aspect_ratio[0]) + (math.log(aspect_ratio[1]) - math.log(aspect_ratio[0])) * u[..., 1]
     ar = torch.exp(log_ar)
@@ -174,5 +181,5 @@ def block(
         return (coord >= start[..., None, None, None]) & (coord < (start + size)[..., None, None, None])
 
     union = (inside(tt, t0, bt) & inside(hh, h0, bh) & inside(ww, w0, bw)).any(dim=1).reshape(batch_size, n)
-    noise = torch.rand(batch_size, n, device=device, generator=generator)
+    noise = _rand(batch_size, n, device=device, generator=generator)
     return from_mask(_top_k_mask(union.to(noise.dtype) + noise, k), k)

@@ -188,12 +188,12 @@ def _validate(z1, z2, temperature, logit_scale, labels, label_smoothing, distrib
 
 
 def _check_labels(labels: torch.Tensor, n: int, symmetric: bool) -> None:
-    """Range (and permutation when symmetric) check: on the host for CPU labels, by device-side
-    asserts for GPU ones (no sync)."""
+    """Range (and permutation when symmetric) check: on the host for CPU labels, by asserts where
+    the labels live for GPU or traced ones (no sync)."""
     perm = symmetric and labels.numel() == n
     perm_msg = "labels: with symmetric=True labels must be a permutation of the columns, got repeats"
     _validation.device_check(labels, lambda: ((labels >= 0) & (labels < n)).all(),
-                             f"labels: expected values in [0, {n})")
+                             f"labels: expected values in [0, {_validation.shown(n)})")
     if perm:
         _validation.device_check(labels, lambda: torch.zeros(n, dtype=torch.bool, device=labels.device).scatter_(
             0, labels.long(), True).all(), perm_msg)

@@ -420,7 +420,7 @@ def unshuffle_with_mask_tokens(
     def covered():
         return torch.zeros(ids_restore.shape, dtype=torch.bool, device=ids_restore.device).scatter_(1, ids_restore, True)
 
-    perm = f"ids_restore: expected every row to be a permutation of [0, {n}) (Masks.ids_restore)"
+    perm = f"ids_restore: expected every row to be a permutation of [0, {_validation.shown(n)}) (Masks.ids_restore)"
     if _validation.values_ok(ids_restore) and ids_restore.numel():
         hit = covered()
         if not hit.all():
