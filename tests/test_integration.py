@@ -254,17 +254,7 @@ def test_autocast_bf16_step(name, be, compiled):
     torch.testing.assert_close(g.double(), out64.grad, rtol=1.6e-2, atol=1e-2 * out64.grad.abs().max().item())
 
 
-_FP16_FUSED = pytest.mark.xfail(
-    strict=True, reason="fp16 under autocast with a GradScaler: the cpu backend (mse, masked) and the torch backend "
-    "(masked) write the gradient in the forward at grad_output = 1 in fp16, where 2 (x - y) / N underflows (mse at "
-    "1M elements: 82% error, most entries 0), and the masked loss casts the scale to fp16 (65536, GradScaler's "
-    "initial scale, becomes inf: NaN gradients)")
-
-
-@pytest.mark.parametrize("name, be", [
-    pytest.param("mse", "cpu", marks=_FP16_FUSED), ("mse", "torch"),
-    pytest.param("masked", "cpu", marks=_FP16_FUSED), pytest.param("masked", "torch", marks=_FP16_FUSED),
-])
+@pytest.mark.parametrize("name, be", [("mse", "cpu"), ("mse", "torch"), ("masked", "cpu"), ("masked", "torch")])
 def test_fp16_autocast_with_grad_scaler(name, be):
     """The scaled backward of a well-fit model (small errors): F.mse_loss under autocast runs in fp32
     and rounds the scaled gradient once, 1e-4 from the float64 value."""

@@ -260,7 +260,7 @@ def _loss_backward(ctx, grad_loss, _grad_fused):
     if grad_loss is None:
         return (None,) * 13
     if ctx.fuse_grad and need_pred:
-        gp = fused if is_one_on_cpu(grad_loss) else fused * grad_loss.to(fused.dtype)
+        gp = fused if is_one_on_cpu(grad_loss) else fused * grad_loss  # scaled in fp32, rounded once
         need_pred = False
     if need_pred or need_video:
         tubelet, layout, norm_pix, norm_mode, eps = ctx.args
@@ -498,8 +498,9 @@ def masked_mse_loss(
         out_dtype = torch.promote_types(out_dtype, torch.float32)
     name = _backends.resolve("masked_mse_loss", LOSS_SUPPORTED, pred.device, backend)
     # cpu and torch write the pred gradient while the targets are at hand (one pass over them);
-    # the GPU kernels recompute it in the backward instead of holding it between the passes
-    fuse = name in ("cpu", "torch") and torch.is_grad_enabled() and pred.requires_grad
+    # the GPU kernels recompute it in the backward instead of holding it between the passes. Not
+    # in fp16: at grad_output = 1 the gradient underflows its range (a GradScaler's scale comes later)
+    fuse = name in ("cpu", "torch") and torch.is_grad_enabled() and pred.requires_grad and pred.dtype != torch.float16
     loss, _ = _masked_mse_loss(
         pred, video, index, list(tubelet), layout, bool(norm_pix), norm_mode, float(eps), mean_t, std_t,
         out_dtype, name, fuse,

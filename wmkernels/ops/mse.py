@@ -132,7 +132,8 @@ def mse_loss(
     Backward strategy, chosen by measurement: on the `cpu` backend the input gradient is written
     in the same pass as the loss (12 bytes per fp32 element for forward + backward; 23.8 ms vs
     34.5 ms for forward-then-recompute on 16M fp32, one core of this project's 2-core CI
-    machine), and a grad_output of exactly 1 (read on the host for free) skips the scaling pass.
+    machine), and a grad_output of exactly 1 (read on the host for free) skips the scaling pass;
+    not for fp16, where the unscaled 2 (x - y) / N underflows before a GradScaler's scale arrives.
     On GPU backends grad_output cannot be read without a sync, so saving the gradient would cost
     a scaling pass: the backward recomputes it from input and target instead (8 + 12 = 20 bytes
     per element either way, and no gradient buffer held between the passes).
@@ -154,6 +155,8 @@ def mse_loss(
         and input.numel() > 0
         # the fused gradient is written in the input's dtype: the target's is its negation
         and (not target.requires_grad or target.dtype == input.dtype)
+        # fp16 at grad_output = 1 underflows (2 (x - y) / N): a GradScaler's scale comes later
+        and input.dtype != torch.float16
     )
     loss, _ = _mse_loss(input, target, weight, reduction, _result_dtype(input, target, weight), name, fuse)
     return loss
