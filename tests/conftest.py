@@ -89,9 +89,8 @@ LAYOUTS = ["contiguous", "strided", "permuted", "expanded"]
 
 @pytest.fixture
 def as_on_gpu(monkeypatch):
-    """Value checks as they run for GPU tensors: no host check, device-side asserts (on CPU tensors
-    torch._assert_async raises at once, so what a GPU would assert is observable here)."""
+    """Value checks as they run for GPU tensors: no host check, so `device_check` asserts instead (on
+    CPU tensors torch._assert_async raises at once: what a GPU would assert is observable here)."""
     from wmkernels import _validation
 
     monkeypatch.setattr(_validation, "values_ok", lambda t: False)
-    monkeypatch.setattr(_validation, "device_check", lambda t, cond, message: torch._assert_async(cond(), message))

@@ -497,10 +497,16 @@ def test_inference_tensor_as_non_differentiable_input(name, be):
     m, _ = _models(16 if name == "contrastive" else P)
     with torch.inference_mode():
         teacher, video = torch.randn(4, 16, dtype=F64), _video()
+    x = torch.randn(4, 16, dtype=F64) if name == "contrastive" else torch.randn(2, 8, P, dtype=F64)
+    m_ref = copy.deepcopy(m)
     if name == "contrastive":
-        wmkernels.contrastive_loss(m(torch.randn(4, 16, dtype=F64)), teacher, backend=be).backward()
+        loss, expected = wmkernels.contrastive_loss(m(x), teacher, backend=be), ref_contrastive(m_ref(x), teacher)
     else:
-        wmkernels.masked_mse_loss(m(torch.randn(2, 8, P, dtype=F64)), video, _mask().mask, TUB, backend=be).backward()
+        mask = _mask().mask
+        loss, expected = wmkernels.masked_mse_loss(m(x), video, mask, TUB, backend=be), ref_masked(m_ref(x), video, mask)
+    loss.backward(), expected.backward()
+    torch.testing.assert_close(loss, expected)
+    _assert_same_grads(m, m_ref)
 
 
 # ------------------------------------------------- (9) in-place outputs, storage offsets, mixed requires_grad

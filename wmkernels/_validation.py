@@ -1,9 +1,21 @@
 """Input checks at the public boundary, shared by every op: one place, messages that name the argument."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 REDUCTIONS = ("none", "mean", "sum")
+
+
+def is_int(x) -> bool:
+    """An int, numpy's included (sizes read from configs and arrays), but not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_real(x) -> bool:
+    """A real number, Python's or NumPy's (np.float32 from a config), but not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def check_float_tensor(name: str, t) -> None:

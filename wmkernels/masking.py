@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
 import torch
 
@@ -52,27 +51,21 @@ def grid_size(video_shape, tubelet, layout: str = "BCTHW") -> tuple[int, int, in
     return t // tubelet[0], h // tubelet[1], w // tubelet[2]
 
 
-def _is_int(x) -> bool:
-    """An int, numpy's included (sizes read from configs and arrays), but not a bool."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _check(batch_size, grid, ratio) -> tuple[int, tuple[int, int, int], float]:
     """(batch_size, grid, ratio) as Python numbers, validated."""
-    if not _is_int(batch_size) or batch_size < 1:
+    if not _validation.is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     grid = tuple(grid)
-    if len(grid) != 3 or not all(_is_int(g) and g >= 1 for g in grid):
+    if len(grid) != 3 or not all(_validation.is_int(g) and g >= 1 for g in grid):
         raise ValueError(f"grid: expected three positive ints (T', H', W'), got {grid!r}")
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio < 1.0:
+    if not _validation.is_real(ratio) or not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio: expected a float in [0, 1), got {ratio!r}")
     return int(batch_size), tuple(int(g) for g in grid), float(ratio)
 
 
 def _check_range(name: str, pair, upper: float | None) -> tuple[float, float]:
     """A (low, high) pair with 0 < low <= high (<= upper when given)."""
-    ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
-        isinstance(x, numbers.Real) and not isinstance(x, bool) for x in pair)
+    ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_validation.is_real(x) for x in pair)
     if not ok or not 0.0 < pair[0] <= pair[1] <= (upper if upper is not None else math.inf):
         bound = f" <= {upper:g}" if upper is not None else ""
         raise ValueError(f"{name}: expected (low, high) with 0 < low <= high{bound}, got {pair!r}")
@@ -153,7 +146,7 @@ def block(
     outside; ties (which union tokens to drop, which outside tokens to add) break at random.
     """
     batch_size, grid, ratio = _check(batch_size, grid, ratio)
-    if not _is_int(num_blocks) or num_blocks < 1:
+    if not _validation.is_int(num_blocks) or num_blocks < 1:
         raise ValueError(f"num_blocks: expected a positive int, got {num_blocks!r}")
     num_blocks = int(num_blocks)
     spatial_scale = _check_range("spatial_scale", spatial_scale, 1.0)

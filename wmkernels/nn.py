@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from .ops.contrastive import _is_real, contrastive_loss
+from ._validation import is_real
+from .ops.contrastive import contrastive_loss
 from .ops.masked import masked_mse_loss
 from .ops.mse import mse_loss
 
@@ -46,7 +47,7 @@ class ContrastiveLoss(torch.nn.Module):
     ) -> None:
         super().__init__()
         for name, v in (("temperature", temperature), ("max_scale", max_scale)):
-            if not _is_real(v) or not 0 < v < math.inf:
+            if not is_real(v) or not 0 < v < math.inf:
                 raise ValueError(f"{name}: expected a positive finite number, got {v!r}")
         self.temperature, self.max_scale = temperature, max_scale
         self.logit_scale = (

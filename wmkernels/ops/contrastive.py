@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
 import torch
@@ -140,11 +139,6 @@ def _scale_tensor(temperature, logit_scale, acc: torch.dtype, device: torch.devi
     return s.to(device=device, dtype=acc).reshape(())
 
 
-def _is_real(v) -> bool:
-    """A plain real number: Python's or NumPy's (np.float32 from a config), not a bool."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _validate(z1, z2, temperature, logit_scale, labels, label_smoothing, distributed, reduction, symmetric) -> None:
     _validation.check_float_tensor("z1", z1)
     _validation.check_float_tensor("z2", z2)
@@ -164,11 +158,11 @@ def _validate(z1, z2, temperature, logit_scale, labels, label_smoothing, distrib
         if _validation.values_ok(x) and not bool((x > 0) & x.isfinite()):
             raise ValueError(f"{name}: expected a positive finite value, got {x.item()}")
         _validation.device_check(x, lambda: ((x > 0) & x.isfinite()).all(), f"{name}: expected a positive finite value")
-    elif not _is_real(v):
+    elif not _validation.is_real(v):
         raise TypeError(f"{name}: expected a number or a one-element tensor, got {type(v).__name__}")
     elif not 0 < v < math.inf:  # comparisons, not math.isfinite: v is symbolic under dynamic=True
         raise ValueError(f"{name}: expected a positive finite number, got {v!r}")
-    if not _is_real(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
+    if not _validation.is_real(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing: expected a number in [0, 1), got {label_smoothing!r}")
     if distributed not in DISTRIBUTED:
         raise ValueError(f"distributed: expected one of {DISTRIBUTED}, got {distributed!r}")
