@@ -6,11 +6,22 @@ import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 CPU_FLAGS = ["-O3", "-fopenmp", "-g0"]  # no debug info: a 51 MB library otherwise
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"] + [
     f"-gencode=arch=compute_{a},code=sm_{a}" for a in os.environ.get("WMKERNELS_CUDA_ARCHS", "80,90").split(",")
 ]
+
+
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package (wmkernels/csrc): an installed package whose `_C` is missing
+    (build skipped or failed) or no longer loads (torch upgraded) can then build it just in time."""
+
+    def run(self):
+        super().run()
+        if not self.editable_mode:  # an editable install builds from the checkout's csrc/
+            self.copy_tree("csrc", os.path.join(self.build_lib, "wmkernels", "csrc"))
 
 
 def extensions():
@@ -44,4 +55,4 @@ def extensions():
 
 
 ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithSources, **cmdclass})

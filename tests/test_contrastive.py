@@ -672,6 +672,23 @@ def test_triton_deterministic_mode_times_nothing(monkeypatch):
         torch.use_deterministic_algorithms(before)
 
 
+@pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton backend not runnable here")
+def test_triton_picks_are_remembered_per_device(monkeypatch):
+    """A tile shape timed on one GPU is reused for that GPU only: another model in the same process
+    times its own."""
+    from wmkernels.triton import contrastive as tc
+
+    timed = []
+    monkeypatch.setattr(tc, "_pick", lambda key, cands, run: timed.append(key[-1]) or cands[len(timed) - 1])
+    monkeypatch.setattr(tc, "_picked", {})
+    monkeypatch.delenv("WMKERNELS_TUNE", raising=False)
+    big = tc._TUNE_MIN_ROWS ** 2
+    for dev in ("cuda:0", "cuda:1", "cuda:0", "cuda:1"):
+        got = tc._tuned(("test-key",), ["a", "b"], lambda c: c, big, torch.device(dev))
+        assert got == ("a" if dev == "cuda:0" else "b")
+    assert timed == [torch.device("cuda:0"), torch.device("cuda:1")]
+
+
 def test_bad_labels_on_gpu_are_device_asserts(as_on_gpu):
     """For GPU labels the range and permutation checks are device-side asserts (no host sync)."""
     z = torch.randn(4, 3)

@@ -376,6 +376,31 @@ def test_wandb_missing_is_a_clear_message(tmp_path, caplog, monkeypatch):
     assert "--wandb given but wandb is not installed (pip install wandb)" in caplog.text
 
 
+def test_base_install_without_train_extra_runs(tmp_path, caplog, monkeypatch):
+    """`pip install wmkernels` without [train] has no tqdm or Pillow: the run goes on without a
+    progress bar and sample GIFs (a warning each, once), it does not crash at its last sample."""
+    import builtins
+
+    from wmkernels.train import monitor
+
+    real_import = builtins.__import__
+
+    def without_extra(name, *args, **kwargs):
+        if name.split(".")[0] in ("tqdm", "PIL"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_extra)
+    monitor._pil_image.cache_clear()
+    try:
+        trainer, out = train(tmp_path, progress=True, sample_every=1, curriculum=[Stage(16, 4, 2)])
+    finally:
+        monitor._pil_image.cache_clear()
+    assert out["step"] == 2 and trainer.last_sample is None
+    assert caplog.text.count("progress bar skipped: pip install tqdm") == 1
+    assert caplog.text.count("sample GIFs skipped: pip install pillow") == 1
+
+
 def test_stream_with_workers_same_batches():
     ds = SyntheticVideo(16, 2, 8)
     plain, workers = DataStream(ds, 4, 0, 1, seed=2), DataStream(ds, 4, 0, 1, seed=2, num_workers=2)

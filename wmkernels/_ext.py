@@ -15,12 +15,14 @@ import torch
 
 log = logging.getLogger("wmkernels")
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_PKG = Path(__file__).resolve().parent
+# an installed package carries its sources (setup.py copies them in); a checkout has them beside it
+_CSRC = _PKG / "csrc" if (_PKG / "csrc").is_dir() else _PKG.parent / "csrc"
 _error: list[str] = []
 
 
 def cpu_sources() -> list[str]:
-    """The C++ sources of the CPU extension (also used by setup.py)."""
+    """The C++ sources of the CPU extension."""
     return sorted(glob.glob(str(_CSRC / "cpu" / "*.cpp"))) + [str(_CSRC / "binding.cpp")]
 
 
@@ -28,8 +30,10 @@ def _jit_build() -> None:
     from torch.utils import cpp_extension
 
     if not (_CSRC / "binding.cpp").exists():
-        raise ImportError("wmkernels._C is not installed and csrc/ is not beside the package to build it")
-    log.info("wmkernels: building the C++ extension just in time (first use only)")
+        raise ImportError(f"wmkernels._C is not installed and its sources are not at {_CSRC} to build it")
+    # a warning, not info: the first call stalls for minutes and the user should know why
+    log.warning("wmkernels: wmkernels._C not importable; building the C++ extension from %s just in time "
+                "(minutes the first time, cached after)", _CSRC)
     cpp_extension.load(
         name="wmkernels_C_jit",
         sources=cpu_sources(),

@@ -268,6 +268,8 @@ def _git_commit() -> str | None:
     if os.environ.get("WMKERNELS_GIT_COMMIT"):  # a copy of the tree without .git (a GPU runner's)
         return os.environ["WMKERNELS_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():  # an installed package: git would name the repo around site-packages
+        return None
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip()

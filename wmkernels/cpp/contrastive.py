@@ -20,12 +20,19 @@ def contrastive_forward(z1, z2, scale, labels_row, labels_col, pos_weight, smoot
     lse_r, max_r, arg_r, pos_r, lse_c, max_c, arg_c, pos_c = _ext.load().contrastive_sweep_fwd(
         a, b, scale, labels_row, labels_col, symmetric, TILE
     )
-    # sum_j logits[i, j] = scale * a_i . sum_j b_j: one matrix-vector product, nothing B x D
-    loss_r = lse_r - pos_weight * pos_r - (smooth_row * scale) * (a @ b.sum(0))
+    loss_r = _loss(lse_r, pos_r, a, b, scale, pos_weight, smooth_row)
     if not symmetric:  # the column entries are distinct empty tensors
         return loss_r, lse_r, max_r, arg_r == labels_row, pos_c, lse_c, max_c, arg_c == labels_col
-    loss_c = lse_c - pos_weight * pos_c - (smooth_col * scale) * (b @ a.sum(0))
+    loss_c = _loss(lse_c, pos_c, b, a, scale, pos_weight, smooth_col)
     return loss_r, lse_r, max_r, arg_r == labels_row, loss_c, lse_c, max_c, arg_c == labels_col
+
+
+def _loss(lse, pos, a, b, scale, pos_weight, smooth):
+    """Per-row cross-entropy from the sweep's statistics. sum_j logits[i, j] = scale * a_i . sum_j b_j:
+    one matrix-vector product, nothing B x D; skipped (not multiplied by 0) without smoothing, where
+    an inf column sum (normalize=False) would make every row NaN."""
+    loss = lse - pos_weight * pos
+    return loss - (smooth * scale) * (a @ b.sum(0)) if smooth else loss
 
 
 def contrastive_backward(

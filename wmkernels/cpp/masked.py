@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from ..reference import masked as ref
 
 
 def _ops():
@@ -45,8 +46,5 @@ def unshuffle_backward(grad, ids_restore, num_visible: int, visible_dtype, token
                        need_visible: bool, need_token: bool, need_pos: bool):
     gv, gt = _ops().masked_unshuffle_bwd(grad, ids_restore, num_visible, visible_dtype, token_dtype,
                                          need_visible, need_token)
-    gp = None
-    if need_pos:  # a broadcast sum over the batch: ATen's reduction is already one pass
-        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        gp = grad.to(acc).sum_to_size(pos_shape).to(pos_dtype, copy=True)
+    gp = ref.pos_embed_grad(grad, pos_shape, pos_dtype) if need_pos else None  # ATen's reduction: one pass
     return (gv if need_visible else None), (gt if need_token else None), gp

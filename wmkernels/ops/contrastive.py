@@ -63,7 +63,17 @@ def contrastive_loss_op(
             z1, z2, scale, labels_row, labels_col, pos_weight, smooth_row, smooth_col, normalize, symmetric
         )
     loss_r, lse_r, _, hit_r, loss_c, lse_c, _, hit_c = out
+    loss_r, lse_r = _unbounded_rows_nan(loss_r, lse_r)
+    loss_c, lse_c = _unbounded_rows_nan(loss_c, lse_c)
     return loss_r, loss_c, lse_r, lse_c, hit_r, hit_c
+
+
+def _unbounded_rows_nan(loss: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NaN loss and logsumexp for a row whose logsumexp is infinite (an inf logit, or fp32 overflow
+    with normalize=False), as F.cross_entropy's log_softmax gives: an inf loss would otherwise come
+    with finite gradients, and the NaN logsumexp the backward reads makes that row's softmax NaN."""
+    unbounded = lse.isinf()
+    return torch.where(unbounded, float("nan"), loss), torch.where(unbounded, float("nan"), lse)
 
 
 @contrastive_loss_op.register_fake
@@ -150,18 +160,30 @@ def _validate(z1, z2, temperature, logit_scale, labels, label_smoothing, distrib
     if z1.shape[0] == 0 or z1.shape[1] == 0:
         raise ValueError(f"z1: expected a non-empty (batch, dim) tensor, got shape {tuple(z1.shape)}")
     name, v = ("logit_scale", logit_scale) if logit_scale is not None else ("temperature", temperature)
+    # the multiplier must also be finite in the accumulation dtype: temperature=1e-300 (or a
+    # denormal fp32 tensor) would make it inf and every loss NaN
+    acc = torch.float64 if torch.float64 in (z1.dtype, z2.dtype) else torch.float32
     if isinstance(v, torch.Tensor):
         _validation.check_float_tensor(name, v)
         if v.numel() != 1:
             raise ValueError(f"{name}: expected a scalar (one element), got shape {tuple(v.shape)}")
         x = v.detach()
-        if _validation.values_ok(x) and not bool((x > 0) & x.isfinite()):
-            raise ValueError(f"{name}: expected a positive finite value, got {x.item()}")
-        _validation.device_check(x, lambda: ((x > 0) & x.isfinite()).all(), f"{name}: expected a positive finite value")
+
+        def positive_finite():
+            s = x.to(acc) if name == "logit_scale" else 1.0 / x.to(acc)
+            return (x > 0) & x.isfinite() & s.isfinite()
+
+        msg = f"{name}: expected a positive finite value (and a finite logit multiplier in {acc})"
+        if _validation.values_ok(x) and not bool(positive_finite().all()):
+            raise ValueError(f"{msg}, got {x.item()}")
+        _validation.device_check(x, lambda: positive_finite().all(), msg)
     elif not _validation.is_real(v):
         raise TypeError(f"{name}: expected a number or a one-element tensor, got {type(v).__name__}")
     elif not 0 < v < math.inf:  # comparisons, not math.isfinite: v is symbolic under dynamic=True
         raise ValueError(f"{name}: expected a positive finite number, got {v!r}")
+    elif not (v if name == "logit_scale" else 1.0 / v) <= torch.finfo(acc).max:
+        raise ValueError(f"{name}: expected a positive finite number with a finite logit multiplier in {acc}, "
+                         f"got {v!r}")
     if not _validation.is_real(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing: expected a number in [0, 1), got {label_smoothing!r}")
     if distributed not in DISTRIBUTED:
@@ -279,11 +301,14 @@ def contrastive_loss(
     loss = _reduce(per_row, reduction).to(result_dtype(z1, z2))
     if not return_accuracy:
         return loss
-    return accuracy_result(loss, hit_r, hit_c if symmetric else None)
+    return accuracy_result(loss, hit_r, hit_c if symmetric else None, loss_r, loss_c)
 
 
-def accuracy_result(loss, hit_row, hit_col) -> ContrastiveResult:
-    acc_12 = hit_row.float().mean()
-    acc_21 = hit_col.float().mean() if hit_col is not None else torch.full_like(acc_12, float("nan"))
+def accuracy_result(loss, hit_row, hit_col, loss_row, loss_col) -> ContrastiveResult:
+    """Accuracies from the hits, a row with a NaN loss never counted correct: its argmax is
+    meaningless (a NaN logit compares false, so a kernel's running argmax can keep the label)."""
+    acc_12 = (hit_row & ~loss_row.isnan()).float().mean()
+    acc_21 = ((hit_col & ~loss_col.isnan()).float().mean() if hit_col is not None
+              else torch.full_like(acc_12, float("nan")))
     both = 0.5 * (acc_12 + acc_21) if hit_col is not None else acc_12
     return ContrastiveResult(loss, both, acc_12, acc_21)

@@ -204,4 +204,4 @@ def distributed_loss(z1, z2, scale, labels, eps, normalize, symmetric, return_ac
     loss = ops._reduce(per_row, reduction).to(ops.result_dtype(z1, z2))
     if not return_accuracy:
         return loss
-    return ops.accuracy_result(loss, hit_r, hit_c)
+    return ops.accuracy_result(loss, hit_r, hit_c, loss_r, loss_c)

@@ -303,8 +303,12 @@ def _channel_stats(video, channels: int, mean, std, acc: torch.dtype):
             out.append(None)
             continue
         t = torch.as_tensor(v, dtype=acc).detach()
-        if name == "std" and t.device.type == "cpu" and not torch.compiler.is_compiling() and (t == 0).any():
-            raise ValueError(f"std: expected non-zero per-channel values (they divide the video), got {t.tolist()}")
+        if t.device.type == "cpu" and not torch.compiler.is_compiling():
+            # a NaN or inf statistic would silently poison (or zero) every target of the batch
+            if not t.isfinite().all():
+                raise ValueError(f"{name}: expected finite per-channel values, got {t.tolist()}")
+            if name == "std" and (t == 0).any():
+                raise ValueError(f"std: expected non-zero per-channel values (they divide the video), got {t.tolist()}")
         if t.device != video.device:
             # a pinned staging copy goes to the GPU without waiting for it (a pageable one would sync)
             t = t.pin_memory().to(video.device, non_blocking=True) if video.is_cuda else t.to(video.device)

@@ -36,19 +36,22 @@ def linear_terms(a, b, scale, labels, pos_weight: float, smooth: float) -> torch
     The part of the cross-entropy linear in the logits, O(B D): the positive logit is one dot
     product, and sum_j logit[i, j] = scale * a_i . sum_j b_j. A label of -1 has no positive here.
     """
-    has = labels >= 0
-    pos = (a * b[labels.clamp_min(0)]).sum(1) * has
-    return scale * (pos_weight * pos + smooth * (a @ b.sum(0)))
+    # selected, not multiplied by 0, away from -1 labels: 0 * an inf dot product would be NaN
+    pos = torch.where(labels >= 0, (a * b[labels.clamp_min(0)]).sum(1), 0.0)
+    out = pos_weight * pos
+    if smooth:  # skipped, not multiplied by 0: an inf column sum (normalize=False) would give NaN
+        out = out + smooth * (a @ b.sum(0))
+    return scale * out
 
 
 def sub_linear_backward_(ga, gb, a, b, labels, g, pos_weight: float, smooth: float) -> None:
     """In place: ga -= d/da, gb -= d/db of sum_i g_i * linear_terms_i / scale (the scale factor is
     applied by the caller). The smoothing parts are rank-one updates, so the only B x D temporaries
     are the gathered positive rows."""
-    w = g * (labels >= 0) * pos_weight
-    idx = labels.clamp_min(0)
-    ga.addcmul_(b[idx], w[:, None], value=-1.0)
-    gb.index_add_(0, idx, a * w[:, None], alpha=-1.0)
+    has, idx = (labels >= 0)[:, None], labels.clamp_min(0)
+    w = (g * pos_weight)[:, None]
+    ga.addcmul_(torch.where(has, b[idx], 0.0), w, value=-1.0)
+    gb.index_add_(0, idx, torch.where(has, a * w, 0.0), alpha=-1.0)
     if smooth:
         ga.addr_(g, b.sum(0), alpha=-smooth)
         gb.sub_((smooth * (g @ a))[None, :])

@@ -129,12 +129,21 @@ def _targets(video, index, tubelet, layout, norm_pix, norm_mode, eps, mean, std,
     return _normalize(x, norm_pix, norm_mode, eps, channels)
 
 
-def _row_weight(index, acc):
-    """Per-row weight and the loss denominator: ones and B*K for ids, the mask and its count for a mask."""
+def _row_keep(index, acc):
+    """The rows the loss reads and its denominator: all rows and B*K for ids, the mask and its count
+    for a mask."""
     if index.dtype == torch.int64:
         return None, float(index.numel())
-    w = index.to(acc)
-    return w, w.sum()
+    return index, index.sum(dtype=acc)
+
+
+def _masked_only(t, keep):
+    """`t` with the unmasked rows zeroed by selection, not multiplication: a NaN or inf in a patch
+    the loss does not read (pred or video) must not leak into the loss or gradients (0 * NaN = NaN),
+    as in the ids form and the compiled kernels."""
+    if keep is None:
+        return t
+    return torch.where(keep.view(keep.shape + (1,) * (t.dim() - keep.dim())), t, 0.0)
 
 
 def masked_mse_forward_with_grad(pred, video, index, tubelet, layout, norm_pix, norm_mode, eps, mean, std,
@@ -144,15 +153,11 @@ def masked_mse_forward_with_grad(pred, video, index, tubelet, layout, norm_pix, 
     y, _, _ = _targets(video, index, tubelet, layout, norm_pix, norm_mode, eps, mean, std, acc)
     d = pred.to(acc) - y
     per_row = (d * d).mean(-1)
-    w, denom = _row_weight(index, acc)
-    if w is not None:
-        per_row = per_row * w
-    loss = (per_row.sum() / denom).to(out_dtype)
+    keep, denom = _row_keep(index, acc)
+    loss = (_masked_only(per_row, keep).sum() / denom).to(out_dtype)
     if not need_grad:
         return loss, None
-    g = d * (2.0 / (d.shape[-1] * denom))
-    if w is not None:
-        g = g * w[..., None]
+    g = _masked_only(d, keep) * (2.0 / (d.shape[-1] * denom))
     return loss, g.to(pred.dtype)
 
 
@@ -167,15 +172,13 @@ def masked_mse_backward(grad_out, pred, video, index, tubelet, layout, norm_pix,
     """(d pred, d video) at `grad_out`; None for one not needed."""
     acc = acc_dtype(pred.dtype, video.dtype)
     y, inv, sigma = _targets(video, index, tubelet, layout, norm_pix, norm_mode, eps, mean, std, acc)
-    w, denom = _row_weight(index, acc)
-    g = (pred.to(acc) - y) * (2.0 * grad_out.to(acc) / (y.shape[-1] * denom))
-    if w is not None:
-        g = g * w[..., None]
+    keep, denom = _row_keep(index, acc)
+    g = _masked_only(pred.to(acc) - y, keep) * (2.0 * grad_out.to(acc) / (y.shape[-1] * denom))
     gp = g.to(pred.dtype) if need_pred else None
     gv = None
     if need_video:
         channels = video.shape[channel_dim(layout)]
-        gx = _normalize_backward(-g, y, norm_mode, inv, sigma, channels)
+        gx = _masked_only(_normalize_backward(-g, y, norm_mode, inv, sigma, channels), keep)
         if std is not None:
             gx = gx / _tiled(std, gx.shape[-1]).to(acc)
         gv = _scatter_rows(gx, index, video.shape, tubelet, layout).to(video.dtype).contiguous()
@@ -202,7 +205,15 @@ def unshuffle_backward(grad, ids_restore, num_visible: int, visible_dtype, token
     shuffled = torch.empty_like(grad).scatter_(1, ids_restore[..., None].expand(-1, -1, grad.shape[-1]), grad)
     gv = shuffled[:, :num_visible].to(visible_dtype).contiguous() if need_visible else None
     gt = shuffled[:, num_visible:].sum((0, 1), dtype=acc).to(token_dtype) if need_token else None
-    gp = None
-    if need_pos:
-        gp = grad.to(acc).sum_to_size(pos_shape).to(pos_dtype, copy=True)
+    gp = pos_embed_grad(grad, pos_shape, pos_dtype) if need_pos else None
     return gv, gt, gp
+
+
+def pos_embed_grad(grad, pos_shape, pos_dtype) -> torch.Tensor:
+    """d pos_embed: `grad` summed over the dims pos_embed was broadcast along, accumulated in fp32
+    (fp64 for fp64) by the reduction itself, not through an fp32 copy of the whole bf16 gradient."""
+    acc = acc_dtype(grad.dtype)
+    lead = grad.dim() - len(pos_shape)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(pos_shape) if n == 1 and grad.shape[lead + i] != 1]
+    out = grad.sum(dims, dtype=acc) if dims else grad.to(acc)
+    return out.reshape(pos_shape).to(pos_dtype, copy=True)

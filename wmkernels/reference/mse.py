@@ -35,11 +35,14 @@ def mse_forward(input, target, weight, reduction: str, out_dtype: torch.dtype) -
 def mse_backward(grad_out, input, target, weight, reduction: str, need_input: bool, need_target: bool):
     """d loss / d input (and d target = its negative), in each tensor's own dtype."""
     acc = torch.float64 if torch.float64 in (input.dtype, target.dtype) else torch.float32
-    g = 2.0 * (input.to(acc) - target.to(acc)) * grad_out.to(acc)
-    if weight is not None:
-        g = g * weight.to(acc)
+    # the coefficient first, the difference last: 2 (x - y) alone overflows fp32 for bf16 values
+    # near 1e38 where 2 w (x - y) / sum(w) does not
+    coef = grad_out.to(acc) * 2.0
     if reduction == "mean":
-        g = g / mse_denominator(input, weight, acc)
+        coef = coef / mse_denominator(input, weight, acc)
+    if weight is not None:
+        coef = coef * weight.to(acc)
+    g = (input.to(acc) - target.to(acc)) * coef
     gi = g.to(input.dtype) if need_input else None
     gt = (-g).to(target.dtype) if need_target else None
     return gi, gt

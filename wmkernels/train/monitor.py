@@ -2,6 +2,7 @@
 Biases when asked), and sample GIFs with the prediction next to the target."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -39,11 +40,24 @@ def video_strip(pred: torch.Tensor, target: torch.Tensor, max_clips: int = 4, mi
     return (grid.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
 
-def save_gif(frames: np.ndarray, path: str, fps: int = 4) -> None:
-    from PIL import Image
+@functools.cache
+def _pil_image():
+    try:
+        from PIL import Image
+    except ImportError:
+        log.warning("monitor: sample GIFs skipped: pip install pillow (or 'wmkernels[train]')")
+        return None
+    return Image
 
+
+def save_gif(frames: np.ndarray, path: str, fps: int = 4) -> bool:
+    """Writes the GIF; False without Pillow, which only the `train` extra brings (warned once)."""
+    Image = _pil_image()
+    if Image is None:
+        return False
     images = [Image.fromarray(f) for f in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return True
 
 
 class Monitor:
@@ -59,9 +73,12 @@ class Monitor:
         self.samples_dir = os.path.join(cfg.out_dir, "samples")
         self.jsonl = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
         if cfg.progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, desc=f"{cfg.objective}", dynamic_ncols=True)
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                log.warning("monitor: progress bar skipped: pip install tqdm (or 'wmkernels[train]')")
+            else:
+                self.bar = tqdm(total=total_steps, initial=start_step, desc=f"{cfg.objective}", dynamic_ncols=True)
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -111,7 +128,8 @@ class Monitor:
         os.makedirs(self.samples_dir, exist_ok=True)
         frames = video_strip(pred, target)
         path = os.path.join(self.samples_dir, f"sample_{step:08d}.gif")
-        save_gif(frames, path)
+        if not save_gif(frames, path):
+            path = None
         if self.tb is not None:
             self.tb.add_images("samples/prediction|target", frames, step, dataformats="NHWC")
         if self.wandb is not None:

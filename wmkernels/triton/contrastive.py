@@ -604,10 +604,9 @@ def _tuned(key: tuple, cands: list, run, logits: int, device: torch.device):
     fixed = os.environ.get("WMKERNELS_TUNE") == "0" or torch.are_deterministic_algorithms_enabled()
     if device.type != "cuda" or small or len(cands) == 1 or fixed:
         chosen = cands[0]
-    elif key in _picked:
-        chosen = _picked[key]
-    else:
-        chosen = _picked[key] = _pick(key, cands, run)
+    else:  # per device too: two GPU models in one process may well pick differently
+        key = key + (device,)
+        chosen = _picked[key] if key in _picked else _picked.setdefault(key, _pick(key, cands, run))
     return run(chosen)
 
 

@@ -392,9 +392,9 @@ def unshuffle_backward(grad, ids_restore, num_visible: int, visible_dtype, token
         gv = gv.to(visible_dtype)
     if need_token:  # a reduction over the mask-token rows: one masked sum
         is_token = (ids_restore >= num_visible).unsqueeze(-1)
-        gt = torch.where(is_token, grad.to(acc), 0).sum((0, 1)).to(token_dtype)
+        gt = torch.where(is_token, grad, 0).sum((0, 1), dtype=acc).to(token_dtype)
     if need_pos:
-        gp = grad.to(acc).sum_to_size(pos_shape).to(pos_dtype, copy=True)
+        gp = ref.pos_embed_grad(grad, pos_shape, pos_dtype)
     return gv, gt, gp
 
 

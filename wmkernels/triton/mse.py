@@ -67,10 +67,10 @@ def _mse_bwd_kernel(
     scale = tl.load(scale_ptr).to(ACC)
     x = tl.load(x_ptr + xo, mask=mask, other=0.0).to(ACC)
     y = tl.load(y_ptr + yo, mask=mask, other=0.0).to(ACC)
-    g = (x - y) * scale
-    if HAS_W:
+    if HAS_W:  # weight times scale first: 2 (x - y) alone can overflow where the gradient does not
         wo = strided_offset(idx, s1, s2, s3, s4, ws0, ws1, ws2, ws3, ws4)
-        g = g * tl.load(w_ptr + wo, mask=mask, other=0.0).to(ACC)
+        scale = scale * tl.load(w_ptr + wo, mask=mask, other=0.0).to(ACC)
+    g = (x - y) * scale
     if WRITE_GX:
         gxo = offset(idx, CONTIG, s1, s2, s3, s4, gxs0, gxs1, gxs2, gxs3, gxs4)
         tl.store(gx_ptr + gxo, round_to(g, gx_ptr.dtype.element_ty), mask=mask)
