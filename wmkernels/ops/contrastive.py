@@ -63,8 +63,10 @@ def contrastive_loss_op(
             z1, z2, scale, labels_row, labels_col, pos_weight, smooth_row, smooth_col, normalize, symmetric
         )
     loss_r, lse_r, _, hit_r, loss_c, lse_c, _, hit_c = out
-    loss_r, lse_r = _unbounded_rows_nan(loss_r, lse_r)
-    loss_c, lse_c = _unbounded_rows_nan(loss_c, lse_c)
+    if not normalize:  # normalized rows keep |logit| <= scale: no infinite logsumexp, and no launches spent
+        loss_r, lse_r = _unbounded_rows_nan(loss_r, lse_r)
+        if symmetric:
+            loss_c, lse_c = _unbounded_rows_nan(loss_c, lse_c)
     return loss_r, loss_c, lse_r, lse_c, hit_r, hit_c
 
 
