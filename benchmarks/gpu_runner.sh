@@ -61,7 +61,7 @@ echo "   build took $((SECONDS - t0)) s"
 echo "== tests (not slow; log: $RES/tests.log)"
 if [ -z "${TESTS:-}" ]; then
   # test_gpu_build (ahead-of-time compiles, minutes of CPU) and test_bench run in CI already
-  TESTS=$(ls tests/test_mse.py tests/test_masked.py tests/test_contrastive.py tests/test_triton_review.py 2>/dev/null | tr '\n' ' ')
+  TESTS=$(ls tests/test_mse.py tests/test_masked.py tests/test_contrastive.py tests/test_triton_review.py tests/test_nonfinite.py 2>/dev/null | tr '\n' ' ')
 fi
 t1=$SECONDS
 XDIST=""

@@ -75,12 +75,12 @@ def close(actual, expected, dtype):
 
 @pytest.mark.parametrize("kind", ["random", "tube", "block"])
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75, 0.9])
-@pytest.mark.parametrize("grid", [(8, 14, 14), (3, 5, 7), (1, 1, 2)])
+@pytest.mark.parametrize("grid", [(8, 14, 14), (3, 5, 7), (1, 1, 2), (1, 7, 7)])
 def test_mask_counts_and_ids(kind, ratio, grid):
     m = getattr(masking, kind)(4, grid, ratio, generator=torch.Generator().manual_seed(1))
     t, h, w = grid
     n = t * h * w
-    k = t * int(ratio * h * w) if kind == "tube" else int(ratio * n)
+    k = {"tube": t * int(ratio * h * w), "random": n - int(n * (1 - ratio)), "block": int(ratio * n)}[kind]
     assert m.mask.shape == (4, n) and m.mask.dtype == torch.bool
     assert (m.mask.sum(1) == k).all()
     assert m.ids_masked.shape == (4, k) and m.ids_keep.shape == (4, n - k)

@@ -104,11 +104,14 @@ def _top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def random(batch_size: int, grid, ratio: float, *, device=None, generator: torch.Generator | None = None) -> Masks:
-    """MAE masking: `int(ratio * N)` tokens masked uniformly at random in each sample."""
+    """MAE masking: `N - int(N * (1 - ratio))` tokens masked uniformly at random in each sample,
+    MAE's `random_masking` count (it keeps `int(N * (1 - ratio))`; one more than `int(ratio * N)`
+    for some N: 37 of 49 at 0.75, 1412 of 1568 at 0.9). Both rank the same `torch.rand` noise, so
+    from the same generator state the mask is MAE's."""
     batch_size, grid, ratio = _check(batch_size, grid, ratio)
     device = _device(device, generator)
     n = math.prod(grid)
-    k = int(ratio * n)
+    k = n - int(n * (1 - ratio))
     noise = _rand(batch_size, n, device=device, generator=generator)
     return from_mask(_top_k_mask(noise, k), k)
 

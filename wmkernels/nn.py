@@ -23,12 +23,22 @@ class MSELoss(torch.nn.Module):
         return mse_loss(input, target, reduction=self.reduction, weight=weight, backend=self.backend)
 
 
+def clamped_scale(log_scale: torch.Tensor, max_scale: float) -> torch.Tensor:
+    """exp(log_scale) after clamping the parameter itself at log(max_scale), in place. Clamping
+    exp(.) instead would give a parameter past the bound a zero gradient for good: once an optimizer
+    step overshoots, the scale could never come down again."""
+    with torch.no_grad():
+        log_scale.clamp_(max=math.log(max_scale))
+    return log_scale.exp()
+
+
 class ContrastiveLoss(torch.nn.Module):
     """CLIP-style contrastive loss backed by `wmkernels.contrastive_loss`; `forward(z1, z2, labels=None)`.
 
     With `learnable_scale=True` the logit scale is a parameter stored in log space like CLIP's,
-    initialized to log(1 / temperature) (log(1/0.07) by default), and used as exp(.) clamped at
-    `max_scale` (100); otherwise the fixed `temperature` is used. Other options are passed through.
+    initialized to log(1 / temperature) (log(1/0.07) by default), and used as exp(.) of itself
+    clamped at log(`max_scale`) (100), in place before each use, as OpenCLIP clamps it after each
+    optimizer step; otherwise the fixed `temperature` is used. Other options are passed through.
     """
 
     def __init__(
@@ -59,13 +69,18 @@ class ContrastiveLoss(torch.nn.Module):
         )
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None = None):
-        scale = None if self.logit_scale is None else self.logit_scale.exp().clamp(max=self.max_scale)
+        scale = None if self.logit_scale is None else clamped_scale(self.logit_scale, self.max_scale)
         return contrastive_loss(z1, z2, temperature=self.temperature, logit_scale=scale, labels=labels, **self.options)
 
 
 class MaskedMSELoss(torch.nn.Module):
     """Masked patch reconstruction loss backed by `wmkernels.masked_mse_loss`;
-    `forward(pred, video, index)` with `index` = ids_masked (B, M) int64 or a (B, N) bool mask."""
+    `forward(pred, video, index)` with `index` = ids_masked (B, M) int64 or a (B, N) bool mask.
+
+    eps acts in the units of the video after `mean`/`std`: MAE's targets are those of the
+    ImageNet-normalized video (uint8: mean/std times 255), VideoMAE's those of the video in
+    [0, 1] (`norm_mode="videomae"`; uint8: `std=(255,) * 3`).
+    """
 
     def __init__(self, tubelet=(2, 16, 16), layout: str = "BCTHW", norm_pix: bool = True, norm_mode: str = "mae",
                  eps: float = 1e-6, mean=None, std=None, backend: str | None = None) -> None:

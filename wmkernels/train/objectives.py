@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import wmkernels
+from wmkernels.nn import clamped_scale
 
 from .data import sample_generator
 from .models import ConvAutoencoder, ContrastiveEncoder, MaskedVideoModel, NextFrameModel, take_rows
@@ -180,7 +181,7 @@ class ContrastiveObjective(Objective):
         return self.model(views).chunk(2)
 
     def _loss(self, z1, z2, distributed: bool, **kw):
-        return wmkernels.contrastive_loss(z1, z2, logit_scale=self.logit_scale.exp().clamp(max=100),
+        return wmkernels.contrastive_loss(z1, z2, logit_scale=clamped_scale(self.logit_scale, 100.0),
                                           distributed="gather" if distributed else None, backend=self.backend, **kw)
 
     def forward(self, video, index, step: int):
