@@ -332,6 +332,29 @@ def test_masked_mse_loss_constant_patches(backend, norm_mode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm_mode", ["mae", "videomae"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_flat_colour_patches_have_zero_targets(backend, norm_mode, dtype):
+    """A flat patch (every value of a group equal) normalizes to exactly 0, as in float64: a
+    rounded mean (sum / n) left 1e-7 of noise that eps = 1e-6 on sigma scaled to targets of 0.3
+    (VideoMAE's setting: uint8 video read in [0, 1] units, 223/255 among the worst colours)."""
+    dev = device_for(backend)
+    tub, cols = (2, 16, 16), torch.arange(0, 256, 8)  # 32 flat patches of different colours
+    video = torch.empty(1, 3, 2, 16, 16 * len(cols), dtype=torch.float32)
+    for i, k in enumerate(cols.tolist()):
+        for c in range(3):
+            video[0, c, :, :, 16 * i:16 * (i + 1)] = k if norm_mode == "mae" else (k + 223 * c) % 256  # a flat group
+    std = (255.0,) * 3
+    if dtype != torch.uint8:
+        video, std = video / 255, None
+    ids = torch.arange(len(cols))[None]
+    pred = torch.zeros(1, len(cols), 2 * 16 * 16 * 3, requires_grad=True)
+    loss = wmkernels.masked_mse_loss(pred.to(dev), video.to(dtype).to(dev), ids.to(dev), tub, norm_mode=norm_mode,
+                                     std=std, backend=backend)
+    assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_mse_loss_grad_out_one_and_deterministic(backend):
     case = LOSS_CASES[2] if backend == "triton" else LOSS_CASES[4]
     video, index, pred = _loss_inputs(case, torch.float32, torch.float32, "contiguous", backend)
@@ -440,6 +463,12 @@ def test_bad_values_on_cpu():
     with pytest.raises(ValueError, match="std: expected non-zero"):
         wmkernels.masked_mse_loss(torch.randn(2, 1, 96), video, torch.zeros(2, 1, dtype=torch.int64), (2, 4, 4),
                                   mean=(0.0, 0.0, 0.0), std=torch.tensor([0.0, 1.0, 1.0]))
+    # MAE's float mask made int64 (not bool) would be read as ids: patches 0 and 1, a wrong loss
+    m = masking.random(2, (2, 2, 2), 0.5, generator=torch.Generator().manual_seed(0))
+    video8 = make_video(2, 3, (4, 8, 8), "BCTHW", torch.float32)
+    with pytest.raises(ValueError, match=r"^index: an int64 \(B, N\) tensor of 0/1 values is a mask.*mask.bool\(\)"):
+        wmkernels.masked_mse_loss(torch.randn(2, 8, 96), video8, m.mask.long(), (2, 4, 4))
+    wmkernels.masked_mse_loss(torch.randn(2, 8, 96), video8, m.mask, (2, 4, 4))
     ids_restore = torch.tensor([[0, 1, 2, 3], [0, 0, 2, 3]])  # row 1 repeats 0, never reads visible row 1
     with pytest.raises(ValueError, match=r"ids_restore: expected every row to be a permutation of \[0, 4\).*row 1"):
         wmkernels.unshuffle_with_mask_tokens(torch.randn(2, 2, 5), torch.zeros(5), ids_restore)
@@ -453,6 +482,9 @@ def test_bad_values_on_gpu_are_device_asserts(as_on_gpu):
         wmkernels.gather_patches(video, torch.tensor([[0, 4], [1, 2]]), tub)
     with pytest.raises(RuntimeError, match=r"^index: expected values in \[0, 4\)"):
         wmkernels.masked_mse_loss(torch.randn(2, 2, 96), video, torch.tensor([[0, -1], [1, 2]]), tub)
+    with pytest.raises(RuntimeError, match=r"^index: an int64 \(B, N\) tensor of 0/1 values is a mask"):
+        wmkernels.masked_mse_loss(torch.randn(2, 4, 96), video, torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]]), tub)
+    wmkernels.masked_mse_loss(torch.randn(2, 4, 96), video, torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]]), tub)
     wmkernels.unshuffle_with_mask_tokens(torch.randn(2, 2, 5), torch.zeros(5), torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]]))
     with pytest.raises(RuntimeError, match=r"^ids_restore: expected every row to be a permutation"):
         wmkernels.unshuffle_with_mask_tokens(torch.randn(2, 2, 5), torch.zeros(5), torch.tensor([[0, 1, 2, 3], [0, 0, 2, 3]]))

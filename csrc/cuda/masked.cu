@@ -97,7 +97,9 @@ __global__ void __launch_bounds__(kThreads) masked_loss_rows_kernel(const p_t* _
   const acc_t cnt = static_cast<acc_t>(P / G);
   if (a.norm_mode != 0) {
     for (int64_t gi = 0; gi < G; ++gi) {
-      const acc_t mu = group_sum<acc_t>(P, G, gi, scratch, [&](int64_t q) { return x[q]; }) / cnt;
+      // shifted by the group's first value (x[gi]): a flat patch gets its exact value as mean
+      const acc_t k = x[gi];
+      const acc_t mu = k + group_sum<acc_t>(P, G, gi, scratch, [&](int64_t q) { return x[q] - k; }) / cnt;
       const acc_t ss = group_sum<acc_t>(P, G, gi, scratch, [&](int64_t q) {
         const acc_t d = x[q] - mu;
         return d * d;

@@ -473,6 +473,11 @@ def masked_mse_loss(
         want = (b, n, p)
     elif index.dtype == torch.int64:
         _validation.check_index_tensor("index", index, (b, None), n)
+        if index.shape[1] == n > 2:  # MAE's 0/1 mask cast to int64 would pass as ids (patches 0 and 1 only)
+            msg = "index: an int64 (B, N) tensor of 0/1 values is a mask, not ids_masked: pass mask.bool()"
+            if _validation.values_ok(index) and int(index.max()) <= 1:
+                raise ValueError(f"{msg} (got shape {tuple(index.shape)})")
+            _validation.device_check(index, lambda: index.amax() > 1, msg)
         want = (b, index.shape[1], p)
     else:
         raise TypeError(f"index: expected dtype torch.int64 (ids_masked) or torch.bool (mask), got {index.dtype}")

@@ -89,12 +89,16 @@ def _normalize(x, norm_pix: bool, norm_mode: str, eps: float, channels: int):
     """Per-patch normalized targets and what their backward needs: (y, inv_scale, sigma)."""
     if not norm_pix:
         return x, None, None
+    # statistics of the values shifted by each group's first one: a flat group is exactly 0 (its
+    # rounded mean would leave noise that eps = 1e-6 on sigma scales to targets of 0.3)
     if norm_mode == "mae":
+        x = x - x[..., :1]
         mu = x.mean(-1, keepdim=True)
         var = x.var(-1, unbiased=True, keepdim=True)
         inv = torch.rsqrt(var + eps)
         return (x - mu) * inv, inv, None
     xc = x.unflatten(-1, (-1, channels))  # (..., pt ph pw, c): statistics over each channel's values
+    xc = xc - xc[..., :1, :]
     mu = xc.mean(-2, keepdim=True)
     sigma = xc.std(-2, unbiased=True, keepdim=True)
     inv = 1.0 / (sigma + eps)

@@ -87,6 +87,12 @@ def _loss_rows_kernel(
     cnt = tl.full([NCP], 2.0, ACC)
     # normalization groups: the whole patch (mae) or each channel (videomae)
     if norm_mode != 0:
+        # sums of the values shifted by each group's first value (value q = g for channel g, q = 0
+        # for the patch): a flat patch gets its exact value as mean (sum / n rounds, and eps = 1e-6
+        # on sigma turns that rounding into targets of 0.3 instead of 0)
+        first = tl.where(norm_mode == 2, grp, 0)
+        shift = _load_x(video_ptr, mean_ptr, std_ptr, first, (first < P) & ((w + tl.zeros([NCP], ACC)) != 0),
+                        b, n, gh, gw, sb, sc, st, sh, sw, has_affine, PT, PH, PW, NC, ACC)[0]
         sums = tl.zeros([NCP], ACC)
         cnt = tl.zeros([NCP], ACC)
         for start in range(0, P, CHUNK):
@@ -96,9 +102,9 @@ def _loss_rows_kernel(
                               has_affine, PT, PH, PW, NC, ACC)
             gid = tl.where(norm_mode == 2, c, 0)
             onehot = (gid[:, None] == grp[None, :]) & (q < P)[:, None]
-            sums += tl.sum(tl.where(onehot, x[:, None], 0.0), axis=0)
+            sums += tl.sum(tl.where(onehot, x[:, None] - shift[None, :], 0.0), axis=0)
             cnt += tl.sum(onehot.to(ACC), axis=0)
-        mean = sums / tl.maximum(cnt, 1.0)
+        mean = shift + sums / tl.maximum(cnt, 1.0)
         ss = tl.zeros([NCP], ACC)
         for start in range(0, P, CHUNK):
             q = start + tl.arange(0, CHUNK)
