@@ -644,3 +644,36 @@ def test_triton_checkpointed_accumulated_step(name):
         (checkpoint(lambda t: wk(t.tanh(), y, i, "triton"), a, use_reentrant=False) / 2).backward()
         (ref(a_ref.tanh(), y, i) / 2).backward()
     torch.testing.assert_close(a.grad, a_ref.grad)
+
+
+@pytest.mark.skipif("cpu" not in runnable_backends("cpu"), reason="compiled CPU kernels not built")
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    """README: reductions are bitwise the same whatever the thread count (a job resumed on another
+    machine, or a DataLoader worker setting one thread, must not change the numbers)."""
+    def run():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1_000_003, generator=g, requires_grad=True)
+        y, w = torch.randn(1_000_003, generator=g), torch.rand(1_000_003, generator=g)
+        out = [wmkernels.mse_loss(x, y, weight=w, backend="cpu")]
+        out += torch.autograd.grad(out[-1], x)
+        video = torch.rand(4, 3, 8, 32, 32, generator=g, requires_grad=True)
+        m = masking.tube(4, (4, 8, 8), 0.75, generator=g)
+        pred = torch.randn(4, m.num_masked, 96, generator=g, requires_grad=True)
+        for mode in ("mae", "videomae"):
+            out.append(wmkernels.masked_mse_loss(pred, video, m.ids_masked, TUB, norm_mode=mode, backend="cpu"))
+            out += torch.autograd.grad(out[-1], [pred, video])
+        tokens = wmkernels.gather_patches(video, m.ids_keep, TUB, backend="cpu")
+        out += [tokens, *torch.autograd.grad(tokens.square().sum(), video)]
+        z1, z2 = (torch.randn(2100, 40, generator=g, requires_grad=True) for _ in range(2))  # two tiles a side
+        out.append(wmkernels.contrastive_loss(z1, z2, label_smoothing=0.1, backend="cpu"))
+        return out + list(torch.autograd.grad(out[-1], [z1, z2]))
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(3)
+        three = run()
+    finally:
+        torch.set_num_threads(before)
+    assert [i for i, (a, b) in enumerate(zip(one, three)) if not torch.equal(a, b)] == []
