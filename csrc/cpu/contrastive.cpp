@@ -4,9 +4,9 @@
 // each tile and turns it in place into d loss / d logits,
 //   G = g_row (P - pos_weight onehot(labels_row) - smooth_row)
 //     + g_col (Q - pos_weight onehot(labels_col) - smooth_col)   (column terms when symmetric),
-// then accumulates G @ b and G.T @ a. Each product is ATen matmuls on fixed blocks of rows (all
-// cores, see mm_rows) plus fused, vectorized passes over the tile while it is in cache (2 exps per
-// logit forward, 2 backward).
+// then accumulates G @ b and G.T @ a. Each product is an ATen matmul (all cores; the narrow
+// gradient ones in fixed blocks of rows, see addmm_rows) plus fused, vectorized passes over the
+// tile while it is in cache (2 exps per logit forward, 2 backward).
 // Extra memory: one tile buffer plus O(B) statistics. a, b are the prepared (normalized,
 // fp32/fp64, contiguous) rows; a label of -1 has no positive among these columns.
 #include <ATen/ATen.h>
@@ -126,14 +126,14 @@ WMK_GRAD_KERNEL(float)
 WMK_GRAD_KERNEL(double)
 #pragma GCC pop_options
 
-// out[rows] = a[rows] @ b (or += with accumulate) in fixed blocks of kMmRows rows, one
+// out[rows] += a[rows] @ b in fixed blocks of kMmRows rows, one
 // single-threaded BLAS call each, spread over an OpenMP team. Given all threads, BLAS splits the
 // reduction dimension when the output is narrow (G @ b is tile x D): the rounding then depends on
 // the thread count (sgemm 2048 x 2048 x 40: 1 vs 3 threads differ). Inside an active team BLAS runs
 // sequentially, and the fixed blocks make every result bitwise the same whatever the thread count.
-constexpr int64_t kMmRows = 64;
+constexpr int64_t kMmRows = 128;  // 16 blocks per 2048-row tile: every core of a 16-core box busy
 
-void mm_rows(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+void addmm_rows(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   const int64_t m = out.size(0), blocks = (m + kMmRows - 1) / kMmRows;
   std::exception_ptr error;
   const at::ThreadLocalState state;  // grad mode and the like, for the team's threads (as at::parallel_for)
@@ -143,14 +143,9 @@ void mm_rows(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bo
     try {
       at::ThreadLocalStateGuard guard(state);
       const int64_t r0 = k * kMmRows, r = std::min(kMmRows, m - r0);
-      at::Tensor o = out.narrow(0, r0, r);
-      if (accumulate) {
-        o.addmm_(a.narrow(0, r0, r), b);
-      } else {
-        at::mm_out(o, a.narrow(0, r0, r), b);
-      }
+      out.narrow(0, r0, r).addmm_(a.narrow(0, r0, r), b);
     } catch (...) {
-#pragma omp critical(wmk_mm_rows)
+#pragma omp critical(wmk_addmm_rows)
       if (!error) error = std::current_exception();
     }
   }
@@ -239,7 +234,7 @@ std::vector<at::Tensor> contrastive_sweep_fwd_cpu(const at::Tensor& a, const at:
       for (int64_t j0 = 0; j0 < N; j0 += T) {
         const int64_t tj = std::min(T, N - j0);
         at::Tensor S = buf.narrow(0, 0, ti).narrow(1, 0, tj);
-        mm_rows(S, ai, b.narrow(0, j0, tj).t(), false);
+        at::mm_out(S, ai, b.narrow(0, j0, tj).t());  // a wide output: BLAS splits rows and columns
         scalar_t* sp = buf.data_ptr<scalar_t>();
         const int64_t ld = buf.size(1);
         rows_update<scalar_t>(sp, ti, tj, ld, s, j0, lr.data_ptr<int64_t>() + i0, rm.data_ptr<scalar_t>() + i0,
@@ -284,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_sweep_bwd_cpu(
         const int64_t tj = std::min(T, N - j0);
         const at::Tensor bj = b.narrow(0, j0, tj);
         at::Tensor S = buf.narrow(0, 0, ti).narrow(1, 0, tj);
-        mm_rows(S, ai, bj.t(), false);
+        at::mm_out(S, ai, bj.t());
         scalar_t* sp = buf.data_ptr<scalar_t>();
         const int64_t ld = buf.size(1);
         at::parallel_for(0, ti, 16, [&](int64_t lo, int64_t hi) {
@@ -302,8 +297,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_sweep_bwd_cpu(
             if (y >= 0 && y < ti) sp[y * ld + j] -= gc[j0 + j] * pw;
           }
         }
-        mm_rows(ga_i, S, bj, true);
-        mm_rows(gb.narrow(0, j0, tj), S.t(), ai, true);
+        addmm_rows(ga_i, S, bj);
+        addmm_rows(gb.narrow(0, j0, tj), S.t(), ai);
       }
     }
   });
