@@ -1,6 +1,7 @@
 """Triton kernels under GPU semantics: 64-bit patch offsets, PyTorch's bf16
 rounding of stored gradients, eps kept fp64, launches on the tensors' own device. Tiny shapes."""
 import inspect
+import math
 import types
 
 import pytest
@@ -103,3 +104,71 @@ def test_masked_loss_eps_stays_fp64():
         want, got = (wmkernels.masked_mse_loss(pred, video, mask, (2, 2, 2), norm_mode=mode, eps=0.1, backend=b)
                      for b in ("torch", "triton"))
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def _ce_rows(z1, z2, scale, labels, symmetric):
+    logits = scale * z1.double() @ z2.double().T
+    per = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    if symmetric:
+        per = 0.5 * (per + torch.nn.functional.cross_entropy(logits.T, labels, reduction="none"))
+    return per
+
+
+@pytest.mark.parametrize("case", ["rows", "rows-sym", "columns-sym"])
+def test_contrastive_all_neg_inf_first_tile_stays_finite(case):
+    """normalize=False with -inf embedding entries: a row whose first column tile (or, symmetric, a
+    column whose first row block) holds only -inf logits has a finite logsumexp once finite logits
+    follow; the online logsumexp must not shift by its -inf running max (exp(-inf + inf) = NaN).
+    48 rows: three 16-row tiles of the fp32 kernels, two programs under the interpreter."""
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(48, 4, generator=g), torch.randn(48, 4, generator=g)
+    pos, neg = (z1, z2) if case != "columns-sym" else (z2, z1)
+    pos[:, 0] = pos[:, 0].abs() + 0.1
+    neg[:16, 0] = -math.inf  # with pos[:, 0] > 0: the logits against these rows are all -inf
+    symmetric = case != "rows"
+    labels = torch.arange(48)
+    dev = device_for("triton")
+    per = wmkernels.contrastive_loss(z1.to(dev), z2.to(dev), logit_scale=2.0, normalize=False, symmetric=symmetric,
+                                     reduction="none", backend="triton").cpu()
+    want = _ce_rows(z1, z2, 2.0, labels, symmetric)
+    assert want.isfinite().sum() >= 32
+    for where in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(where(per), where(want))
+    torch.testing.assert_close(per[want.isfinite()].double(), want[want.isfinite()], rtol=1e-5, atol=1e-5)
+    if case == "rows":  # positives away from the -inf columns: a finite loss (d a[:, 0] is 0 * -inf = NaN)
+        labels = 16 + torch.arange(48) % 32
+        a, b = z1.to(dev).requires_grad_(), z2.clone().to(dev).requires_grad_()
+        loss = wmkernels.contrastive_loss(a, b, labels=labels.to(dev), logit_scale=2.0, normalize=False,
+                                          symmetric=False, backend="triton")
+        ga = torch.autograd.grad(loss, a)[0].cpu()
+        ref = z1.double().requires_grad_()
+        want_ga = torch.autograd.grad(_ce_rows(ref, z2, 2.0, labels, False).mean(), ref)[0]
+        torch.testing.assert_close(loss.cpu().double(), _ce_rows(z1, z2, 2.0, labels, False).mean(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ga.double(), want_ga, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.wmkernels_C, "contrastive_sweep_bwd"), reason="compiled CPU kernels not built")
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dim", [40, 200])  # the first tiles of D <= 64 take two exps, of D 129-256 one
+def test_contrastive_backward_caps_probabilities_at_one(symmetric, dim):
+    """On a GPU the backward's recomputed logits can exceed the forward's logsumexp by an ulp times
+    the scale (fused multiply-add, other tile shapes): probabilities above 1 (54 at temperature
+    1e-8). Each probability is capped at 1, as in the cpu kernel: fed a logsumexp 30 too small,
+    both give the same gradients instead of exp(30)-sized ones."""
+    from wmkernels.cpp import contrastive as cpu
+    from wmkernels.triton import contrastive as tc
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(20, dim, generator=g), torch.randn(20, dim, generator=g)
+    scale, labels = torch.tensor(10.0), torch.arange(20)
+    labels_c = labels if symmetric else labels[:0]  # the column entries are empty one-way
+    fwd = cpu.contrastive_forward(z1, z2, scale, labels, labels_c, 1.0, 0.0, 0.0, True, symmetric)
+    g_r = torch.full((20,), 0.05)
+    args = (g_r, g_r[:len(labels_c)], z1, z2, scale, labels, labels_c, fwd[1] - 30.0, fwd[5] - 30.0, 1.0, 0.0, 0.0,
+            True, symmetric)
+    want = cpu.contrastive_backward(*args)
+    dev = device_for("triton")
+    got = tc.contrastive_backward(*(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args))
+    for a, b in zip(got, want):
+        assert a.isfinite().all()
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)

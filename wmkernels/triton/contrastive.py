@@ -125,8 +125,17 @@ def _lse_update(logits, j0, m, l, arg):
     targ = tl.argmax(logits, axis=1).to(tl.int64) + j0
     arg = tl.where(tmax > m, targ, arg)  # strict: ties keep the earlier column
     new_m = tl.maximum(m, tmax)
-    l = l * tl.exp(m - new_m) + tl.sum(tl.exp(logits - new_m[:, None]), axis=1)
+    c = _finite_shift(new_m)
+    l = l * tl.exp(m - c) + tl.sum(tl.exp(logits - c[:, None]), axis=1)
     return new_m, l, arg
+
+
+@triton.jit
+def _finite_shift(mx):
+    """The running max as the exponent shift, 0 where it is still -inf: a row (or column) whose
+    logits so far are all -inf sums exp(-inf - 0) = 0, not exp(-inf + inf) = NaN, so later finite
+    logits give the finite logsumexp the formula has. Per row, not per logit."""
+    return tl.where(mx == float("-inf"), 0.0, mx)
 
 
 @triton.jit
@@ -231,8 +240,9 @@ def _sym_step(x, x_ptr, rows, r0, y_ptr, j0, dd, M, N, D, s, m, l, arg, pm_ptr, 
     tmax = tl.max(logits, axis=1)
     arg = tl.where(tmax > m, tl.argmax(logits, axis=1).to(tl.int64) + j0, arg)  # strict: ties keep the earlier
     new_m = tl.maximum(m, tmax)
-    p = tl.exp(logits - new_m[:, None])
-    l = l * tl.exp(m - new_m) + tl.sum(p, axis=1)
+    c = _finite_shift(new_m)
+    p = tl.exp(logits - c[:, None])
+    l = l * tl.exp(m - c) + tl.sum(p, axis=1)
     m = new_m
 
     rvalid = rows < M  # rows past M are zero rows, not candidates of any column
@@ -245,8 +255,8 @@ def _sym_step(x, x_ptr, rows, r0, y_ptr, j0, dd, M, N, D, s, m, l, arg, pm_ptr, 
     cmax = tl.max(lc, axis=0)
     pa = tl.where(cmax > pm, (tl.argmax(lc, axis=0) + r0).to(tl.int32), pa)  # rows come in increasing order
     new = tl.maximum(pm, cmax)
-    shift = tl.where(cmask, new, 0.0)  # columns past N stay -inf without -inf - -inf
-    big = tl.max(tl.where(rvalid, m, float("-inf")), axis=0)
+    shift = tl.where(cmask, _finite_shift(new), 0.0)  # columns past N stay -inf without -inf - -inf
+    big = _finite_shift(tl.max(tl.where(rvalid, m, float("-inf")), axis=0))
     gap = tl.where(cmask, big - shift, 0.0)
     if tl.max(gap, axis=0) > _FAR:
         csum = tl.sum(tl.exp(lc - shift[None, :]), axis=0)
@@ -311,7 +321,7 @@ def _col_reduce_kernel(pm_ptr, ps_ptr, pa_ptr, lse_ptr, max_ptr, arg_ptr, N, P, 
     mx = tl.full([BLOCK], float("-inf"), ACC)
     for p in range(P):
         mx = tl.maximum(mx, tl.load(pm_ptr + p * N + cols, mask=cmask, other=float("-inf")))
-    shift = tl.where(cmask, mx, 0.0)
+    shift = tl.where(cmask, _finite_shift(mx), 0.0)
     sm = tl.zeros([BLOCK], ACC)
     arg = tl.full([BLOCK], 2147483647, tl.int32)
     for p in range(P):
@@ -333,26 +343,41 @@ def _row_rescale(lse_x, rmask):
 
 
 @triton.jit
+def _prob(e):
+    """exp(e) capped at 1 (NaN kept): e = L - lse is <= 0 in exact arithmetic, but on a GPU the
+    recomputed logit is a fused multiply-add (no rounding of s * x) from another tile shape than the
+    forward's: at logit scales of 1e4+ that ulp-sized mismatch times the scale made probabilities
+    above 1 (54 at temperature 1e-8, gradients 50x too large). The cpu kernel caps the same way."""
+    return tl.exp(tl.minimum(e, 0.0, propagate_nan=tl.PropagateNan.ALL))
+
+
+@triton.jit
+def _at_most_one(q):
+    return tl.minimum(q, 1.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _grad_weights(logits, lse_x, g_x, u, gap, lse_y, g_y, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr,
                   ONE_EXP: tl.constexpr):
-    """G = g_x[i] exp(L - lse_x[i]) (ROW_TERM) + g_y[j] exp(L - lse_y[j]) (COL_TERM) for one tile.
-    With both terms and ONE_EXP, one exp per logit: exp(L - lse_y) = P u_i exp(gap_j) (P = exp(L -
-    lse_x), u_i = exp(lse_x[i] - big), gap_j = big - lse_y[j], big the block's largest lse_x),
-    unless a column's gap exceeds _FAR, where P may have underflowed: then a second exp. (The
-    rescaling takes registers, so both variants are tuning candidates.)"""
+    """G = g_x[i] exp(L - lse_x[i]) (ROW_TERM) + g_y[j] exp(L - lse_y[j]) (COL_TERM) for one tile,
+    each probability capped at 1 (see _prob). With both terms and ONE_EXP, one exp per logit:
+    exp(L - lse_y) = P u_i exp(gap_j) (P = exp(L - lse_x), u_i = exp(lse_x[i] - big), gap_j = big -
+    lse_y[j], big the block's largest lse_x), unless a column's gap exceeds _FAR, where P may have
+    underflowed: then a second exp. (The rescaling takes registers, so both variants are tuning
+    candidates.)"""
     if ROW_TERM:
-        p = tl.exp(logits - lse_x[:, None])
+        p = _prob(logits - lse_x[:, None])
         if COL_TERM and not ONE_EXP:
-            g = g_x[:, None] * p + g_y[None, :] * tl.exp(logits - lse_y[None, :])
+            g = g_x[:, None] * p + g_y[None, :] * _prob(logits - lse_y[None, :])
         elif COL_TERM:
             if tl.max(gap, axis=0) > _FAR:
-                g = g_x[:, None] * p + g_y[None, :] * tl.exp(logits - lse_y[None, :])
+                g = g_x[:, None] * p + g_y[None, :] * _prob(logits - lse_y[None, :])
             else:
-                g = p * (g_x[:, None] + u[:, None] * (g_y * tl.exp(gap))[None, :])
+                g = g_x[:, None] * p + g_y[None, :] * _at_most_one(p * (u[:, None] * tl.exp(gap)[None, :]))
         else:
             g = g_x[:, None] * p
     else:
-        g = g_y[None, :] * tl.exp(logits - lse_y[None, :])
+        g = g_y[None, :] * _prob(logits - lse_y[None, :])
     return g
 
 
