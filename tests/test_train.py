@@ -386,19 +386,24 @@ def test_base_install_without_train_extra_runs(tmp_path, caplog, monkeypatch):
     real_import = builtins.__import__
 
     def without_extra(name, *args, **kwargs):
-        if name.split(".")[0] in ("tqdm", "PIL"):
+        if name.split(".")[0] in ("tqdm", "PIL") or name == "torch.utils.tensorboard":
             raise ImportError(f"No module named {name!r}")
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", without_extra)
     monitor._pil_image.cache_clear()
+    monitor._summary_writer.cache_clear()
     try:
-        trainer, out = train(tmp_path, progress=True, sample_every=1, curriculum=[Stage(16, 4, 2)])
+        for run in range(2):  # a second run in the process (the benchmark's cases) warns no more
+            trainer, out = train(tmp_path / str(run), progress=True, tensorboard=True, sample_every=1,
+                                 curriculum=[Stage(16, 4, 2)])
     finally:
         monitor._pil_image.cache_clear()
-    assert out["step"] == 2 and trainer.last_sample is None
-    assert caplog.text.count("progress bar skipped: pip install tqdm") == 1
+        monitor._summary_writer.cache_clear()
+    assert out["step"] == 2 and trainer.last_sample is None and trainer.monitor.tb is None
+    assert caplog.text.count("progress bar skipped: pip install tqdm") == 2  # one per run: each shows its bar
     assert caplog.text.count("sample GIFs skipped: pip install pillow") == 1
+    assert caplog.text.count("TensorBoard logging skipped: pip install tensorboard") == 1
 
 
 def test_stream_with_workers_same_batches():

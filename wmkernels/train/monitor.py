@@ -41,6 +41,18 @@ def video_strip(pred: torch.Tensor, target: torch.Tensor, max_clips: int = 4, mi
 
 
 @functools.cache
+def _summary_writer():
+    """TensorBoard's SummaryWriter, or None with one warning per process (the benchmark builds a
+    Monitor per case)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("monitor: TensorBoard logging skipped: pip install tensorboard (or 'wmkernels[train]')")
+        return None
+    return SummaryWriter
+
+
+@functools.cache
 def _pil_image():
     try:
         from PIL import Image
@@ -79,13 +91,8 @@ class Monitor:
                 log.warning("monitor: progress bar skipped: pip install tqdm (or 'wmkernels[train]')")
             else:
                 self.bar = tqdm(total=total_steps, initial=start_step, desc=f"{cfg.objective}", dynamic_ncols=True)
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(cfg.out_dir, "tb"))
-            except ImportError:
-                log.warning("monitor: TensorBoard logging skipped: pip install tensorboard")
+        if cfg.tensorboard and _summary_writer() is not None:
+            self.tb = _summary_writer()(os.path.join(cfg.out_dir, "tb"))
         if cfg.wandb:
             try:
                 import wandb
