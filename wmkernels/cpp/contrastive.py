@@ -28,11 +28,8 @@ def contrastive_forward(z1, z2, scale, labels_row, labels_col, pos_weight, smoot
 
 
 def _loss(lse, pos, a, b, scale, pos_weight, smooth):
-    """Per-row cross-entropy from the sweep's statistics. sum_j logits[i, j] = scale * a_i . sum_j b_j:
-    one matrix-vector product, nothing B x D; skipped (not multiplied by 0) without smoothing, where
-    an inf column sum (normalize=False) would make every row NaN."""
-    loss = lse - pos_weight * pos
-    return loss - (smooth * scale) * (a @ b.sum(0)) if smooth else loss
+    """Per-row cross-entropy from the sweep's statistics (the positive logit is already scaled)."""
+    return lse - pos_weight * pos - scale * ref.smoothing_sums(a, b, smooth)
 
 
 def contrastive_backward(

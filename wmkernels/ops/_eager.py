@@ -5,9 +5,9 @@ a registered backward). In eager mode that dispatch layer is the largest fixed c
 measured on the 2-core CI machine, an MSE forward+backward on 16 elements took 190 us through the
 custom op and 65 us through a `torch.autograd.Function` running the same implementation
 (F.mse_loss: 51 us); on an H100 host the fixed cost made a 16M-element MSE several times slower
-than eager PyTorch. So, outside torch.compile and for plain tensors (and Parameters), `autograd_op` runs the op's own
-Python implementation and its registered setup_context / backward through an autograd.Function,
-and `call` runs a backward op's implementation directly. Traced tensors (FakeTensor,
+than eager PyTorch. So, outside torch.compile and for plain tensors (and Parameters), `autograd_op`
+runs the op's own Python implementation and its registered setup_context / backward through an
+autograd.Function, and `call` runs a backward op's implementation directly. Traced tensors (FakeTensor,
 FunctionalTensor: subclasses of torch.Tensor), meta tensors and compiling always go through the
 custom op (its fake implementation gives the shapes). The backward is not differentiable again:
 asking for it (create_graph=True, then backpropagating through the gradient) raises instead of

@@ -10,6 +10,7 @@ import torch
 
 from .. import _backends, _validation
 from .._registry import impl
+from ..reference import contrastive as ref
 from . import _eager
 
 SUPPORTED = ("triton", "cpu", "torch")
@@ -164,7 +165,7 @@ def _validate(z1, z2, temperature, logit_scale, labels, label_smoothing, distrib
     name, v = ("logit_scale", logit_scale) if logit_scale is not None else ("temperature", temperature)
     # the multiplier must also be finite in the accumulation dtype: temperature=1e-300 (or a
     # denormal fp32 tensor) would make it inf and every loss NaN
-    acc = torch.float64 if torch.float64 in (z1.dtype, z2.dtype) else torch.float32
+    acc = ref.acc_dtype(z1, z2)
     if isinstance(v, torch.Tensor):
         _validation.check_float_tensor(name, v)
         if v.numel() != 1:
@@ -279,7 +280,7 @@ def contrastive_loss(
     _validate(z1, z2, temperature, logit_scale, labels, label_smoothing, distributed, reduction, symmetric)
     _validation.check_same_device(z1=z1, z2=z2)
     name = _backends.resolve("contrastive_loss", SUPPORTED, z1.device, backend)
-    acc = torch.float64 if torch.float64 in (z1.dtype, z2.dtype) else torch.float32
+    acc = ref.acc_dtype(z1, z2)
     scale = _scale_tensor(temperature, logit_scale, acc, z1.device)
     eps = float(label_smoothing)
     if distributed is not None:

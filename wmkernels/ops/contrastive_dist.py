@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .. import _validation
 from .._registry import impl
 from . import contrastive as ops
 
@@ -161,7 +162,7 @@ class _RingContrastive(torch.autograd.Function):
 def _check_same_shape_on_ranks(z: torch.Tensor, mode: str, world: int, group) -> None:
     """Every rank must bring a batch of the same shape: the collectives would otherwise abort the
     process (gloo) or hang. Checked for CPU tensors only: on a GPU the exchange would be a sync."""
-    if z.device.type != "cpu" or torch.compiler.is_compiling():
+    if not _validation.values_ok(z):
         return
     mine = torch.tensor(z.shape, dtype=torch.int64)
     shapes = [torch.empty_like(mine) for _ in range(world)]

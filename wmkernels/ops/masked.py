@@ -303,7 +303,7 @@ def _channel_stats(video, channels: int, mean, std, acc: torch.dtype):
             out.append(None)
             continue
         t = torch.as_tensor(v, dtype=acc).detach()
-        if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        if _validation.values_ok(t):
             # a NaN or inf statistic would silently poison (or zero) every target of the batch
             if not t.isfinite().all():
                 raise ValueError(f"{name}: expected finite per-channel values, got {t.tolist()}")
@@ -487,8 +487,7 @@ def masked_mse_loss(
     # the loss is a mean over the masked patches: with none it is undefined (a mask's count is
     # read on CPU only: on a GPU that would sync, and the loss comes out NaN there)
     no_rows = index.numel() == 0 or (
-        index.dtype == torch.bool and index.device.type == "cpu" and not torch.compiler.is_compiling()
-        and not index.any())
+        index.dtype == torch.bool and _validation.values_ok(index) and not index.any())
     if no_rows:
         raise ValueError(f"index: no masked patches (shape {tuple(index.shape)}"
                          f"{', no True entry' if index.numel() else ''}): the loss over them is undefined")

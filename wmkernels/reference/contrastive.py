@@ -38,10 +38,13 @@ def linear_terms(a, b, scale, labels, pos_weight: float, smooth: float) -> torch
     """
     # selected, not multiplied by 0, away from -1 labels: 0 * an inf dot product would be NaN
     pos = torch.where(labels >= 0, (a * b[labels.clamp_min(0)]).sum(1), 0.0)
-    out = pos_weight * pos
-    if smooth:  # skipped, not multiplied by 0: an inf column sum (normalize=False) would give NaN
-        out = out + smooth * (a @ b.sum(0))
-    return scale * out
+    return scale * (pos_weight * pos + smoothing_sums(a, b, smooth))
+
+
+def smoothing_sums(a, b, smooth: float):
+    """smooth * sum_j a_i . b_j per row (one matrix-vector product), or 0 without smoothing: skipped,
+    not multiplied by 0, where an inf column sum (normalize=False) would make every row NaN."""
+    return smooth * (a @ b.sum(0)) if smooth else 0.0
 
 
 def sub_linear_backward_(ga, gb, a, b, labels, g, pos_weight: float, smooth: float) -> None:

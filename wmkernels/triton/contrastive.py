@@ -631,7 +631,9 @@ def _tuned(key: tuple, cands: list, run, logits: int, device: torch.device):
         chosen = cands[0]
     else:  # per device too: two GPU models in one process may well pick differently
         key = key + (device,)
-        chosen = _picked[key] if key in _picked else _picked.setdefault(key, _pick(key, cands, run))
+        if key not in _picked:
+            _picked[key] = _pick(key, cands, run)
+        chosen = _picked[key]
     return run(chosen)
 
 
