@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU run, no package registry: build the CUDA extension in place, run the GPU test
-# subset, probe the contrastive kernels, run the full benchmark, write
+# One prepared GPU run, no package registry: build the CUDA extension (copied into the package),
+# run the GPU test subset, probe the contrastive kernels, run the full benchmark, write
 # benchmarks/results/<gpu>-<date>/ (at most DEADLINE = 570 s).
 #
 # Needs on the machine: a CUDA GPU; python3 with a CUDA build of torch (>= 2.5) and triton; nvcc
@@ -9,14 +9,15 @@
 # in .whl/ (installed with --no-index into a temporary folder).
 #
 # Usage (from anywhere):  bash benchmarks/gpu_runner.sh [extra wmkernels-bench arguments]
-# Environment knobs: PYTHON (python3), MAX_JOBS (16, parallel compiles), BUILD_TIMEOUT (150 s; 0: no
-#   build), WMKERNELS_CUDA_ARCHS (80,90: the sm_ targets built), TEST_TIMEOUT (100 s), TESTS (test
-#   files; default the GPU-relevant ones), TEST_WORKERS (8, with pytest-xdist), PYTEST_ARGS (e.g.
-#   -k triton), PROBE (batch sizes for benchmarks/probe_contrastive_gpu.py, 65536; 0: skip),
-#   PROBE_TIMEOUT (130 s), BENCH_TIMEOUT (240 s), DEADLINE (570 s: every step's timeout is cut so
-#   that the steps after it keep 330 / 230 / 100 s and the whole run ends within it, inside a
-#   10-minute device call), RESULTS (default benchmarks/results/<gpu>-<date>), WHEELS (.whl), OUT
-#   (if set, a tarball of the results and the logs is copied there).
+# Environment knobs: PYTHON (python3), MAX_JOBS (16, parallel compiles), BUILD_TIMEOUT (240 s, in
+#   the background while the Triton steps run; 0: no build), WMKERNELS_CUDA_ARCHS (80,90: the sm_
+#   targets built), TEST_TIMEOUT (100 s per test step: Triton, then the cuda backend once built),
+#   TESTS (test files; default the GPU-relevant ones), TEST_WORKERS (8, with pytest-xdist),
+#   PYTEST_ARGS (more pytest arguments), PROBE (batch sizes for benchmarks/probe_contrastive_gpu.py,
+#   65536; 0: skip), PROBE_TIMEOUT (130 s), BENCH_TIMEOUT (240 s), DEADLINE (570 s: every step's
+#   timeout is cut so that the steps after it keep their share and the whole run ends within it,
+#   inside a 10-minute device call), RESULTS (default benchmarks/results/<gpu>-<date>), WHEELS
+#   (.whl), OUT (if set, a tarball of the results and the logs is copied there).
 # Peers are picked up when importable: carry Inf-CL as a wheel (pip download --no-deps inf_cl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,40 +47,59 @@ cap() {  # cap WANT RESERVE: WANT seconds, cut so that RESERVE seconds remain be
   echo $(( $1 < left ? $1 : left ))
 }
 
-echo "== build (nvcc for ${WMKERNELS_CUDA_ARCHS:-80,90}; log: $RES/build.log)"
-if [ "${BUILD_TIMEOUT:-150}" = 0 ]; then
+# The nvcc/g++ build takes minutes of CPU and the Triton steps need only the GPU: the build runs in
+# the background into its own folder while the probe and the Triton tests run, and its module is
+# copied into the package before the C++-backend tests and the benchmark.
+BLD=/tmp/wmkernels-build
+echo "== build in the background (nvcc for ${WMKERNELS_CUDA_ARCHS:-80,90}; log: $RES/build.log)"
+build_pid=""
+if [ "${BUILD_TIMEOUT:-240}" = 0 ]; then
   echo "skipped (BUILD_TIMEOUT=0): the cpu and cuda backends are unavailable" >"$RES/build.log"
 else
-  MAX_JOBS=${MAX_JOBS:-16} WMKERNELS_BUILD_EXT=1 timeout "$(cap "${BUILD_TIMEOUT:-150}" 330)" \
-    "$PY" setup.py build_ext --inplace >"$RES/build.log" 2>&1 || { echo "build failed or timed out" >&2; status=1; }
+  rm -rf "$BLD"
+  MAX_JOBS=${MAX_JOBS:-16} WMKERNELS_BUILD_EXT=1 timeout "$(cap "${BUILD_TIMEOUT:-240}" 250)" \
+    "$PY" setup.py build_ext --build-lib "$BLD" --build-temp "$BLD/temp" >"$RES/build.log" 2>&1 &
+  build_pid=$!
 fi
-tail -n 3 "$RES/build.log"
-"$PY" -c "import wmkernels; [print(f'  {k:7s}', v.available, '-', v.reason) for k, v in wmkernels.available_backends().items()]" \
-  2>&1 | tee "$RES/backends.txt"
-echo "   build took $((SECONDS - t0)) s"
 
-echo "== tests (not slow; log: $RES/tests.log)"
 if [ -z "${TESTS:-}" ]; then
   # test_gpu_build (ahead-of-time compiles, minutes of CPU) and test_bench run in CI already
   TESTS=$(ls tests/test_mse.py tests/test_masked.py tests/test_contrastive.py tests/test_triton_review.py tests/test_nonfinite.py 2>/dev/null | tr '\n' ' ')
 fi
-t1=$SECONDS
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-8}"  # pytest-xdist when present
-# shellcheck disable=SC2086
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout "$(cap "${TEST_TIMEOUT:-100}" 230)" "$PY" -m pytest -m "not slow" -q -p no:cacheprovider $XDIST ${PYTEST_ARGS:-} $TESTS \
-  >"$RES/tests.log" 2>&1 || { echo "tests failed or timed out" >&2; status=1; }
-tail -n 15 "$RES/tests.log"
-echo "   tests took $((SECONDS - t1)) s"
+run_tests() {  # run_tests NAME WANT RESERVE -k-EXPRESSION
+  local t=$SECONDS
+  echo "== tests: $1 (not slow; log: $RES/tests-$1.log)"
+  # shellcheck disable=SC2086
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout "$(cap "$2" "$3")" "$PY" -m pytest -m "not slow" -q -p no:cacheprovider \
+    $XDIST -k "$4" ${PYTEST_ARGS:-} $TESTS >"$RES/tests-$1.log" 2>&1 || { echo "tests ($1) failed or timed out" >&2; status=1; }
+  tail -n 12 "$RES/tests-$1.log"
+  echo "   tests ($1) took $((SECONDS - t)) s"
+}
 
 echo "== contrastive kernel probe (log: $RES/probe.log)"
 if [ "${PROBE:-65536}" != 0 ]; then
-  # before the benchmark: it compiles every tile candidate (the benchmark then finds them in
+  # first: it compiles every tile candidate (the tests and the benchmark then find them in
   # Triton's cache) and its per-candidate times are what the open GPU target needs first
   # shellcheck disable=SC2086
-  timeout "$(cap "${PROBE_TIMEOUT:-130}" 100)" "$PY" benchmarks/probe_contrastive_gpu.py ${PROBE:-65536} >"$RES/probe.log" 2>&1 \
+  timeout "$(cap "${PROBE_TIMEOUT:-130}" 330)" "$PY" benchmarks/probe_contrastive_gpu.py ${PROBE:-65536} >"$RES/probe.log" 2>&1 \
     || { echo "probe failed or timed out" >&2; status=1; }
   tail -n 4 "$RES/probe.log"
+fi
+
+run_tests triton "${TEST_TIMEOUT:-100}" 250 triton
+
+if [ -n "$build_pid" ]; then
+  wait "$build_pid" || { echo "build failed or timed out" >&2; status=1; }
+  cp "$BLD"/wmkernels/_C*.so wmkernels/ 2>/dev/null || echo "no compiled module to copy" >&2
+fi
+tail -n 3 "$RES/build.log"
+"$PY" -c "import wmkernels; [print(f'  {k:7s}', v.available, '-', v.reason) for k, v in wmkernels.available_backends().items()]" \
+  2>&1 | tee "$RES/backends.txt"
+echo "   build done at $((SECONDS - t0)) s"
+if [ -n "$build_pid" ] && ls wmkernels/_C*.so >/dev/null 2>&1; then
+  run_tests cuda "${TEST_TIMEOUT:-100}" 200 "cuda and not triton"
 fi
 
 echo "== benchmark (log: $RES/bench.log)"

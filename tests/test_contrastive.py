@@ -639,6 +639,48 @@ def test_triton_one_sweep_backward_matches_two_sweeps(symmetric, far):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tuned tiles run on a GPU only")
+@pytest.mark.parametrize("d", [100, 256, 512])
+@pytest.mark.parametrize("kind", ["lse", "sym", "grad", "grads"])
+def test_triton_every_gpu_candidate_matches_the_default(kind, d):
+    """Every tile config a large GPU call may pick by timing, at the widths the tables hold (D = 100
+    pads to 128 and masks), bf16, B = 2048 (what the probe compiles; the pick is timed at >= 8192
+    rows, so no test reaches it by size): each against the default, as the interpreter subset
+    checks them only at D = 40. lse / max to rounding, argmax exactly (ties aside), gradients to
+    rounding."""
+    from wmkernels.triton import contrastive as tc
+
+    g = torch.Generator().manual_seed(11)
+    z1, z2 = torch.randn(2048, d, generator=g), torch.randn(2048, d, generator=g)
+    z1[5] = z2[1900]  # a clear argmax far from the first tiles
+    z1, z2 = z1.to("cuda", torch.bfloat16), z2.to("cuda", torch.bfloat16)
+    acc, _, _, ka, kb = tc._prepare(z1, z2, True)
+    scale = torch.tensor(14.0, device="cuda")
+    bd = tc.block_d(d)
+    lse_r, _, _, lse_c, _, _ = tc._sym_lse(ka, kb, scale, acc, cand=tc._SPLIT)
+    gr, gc = torch.rand(2048, generator=g).to("cuda"), torch.rand(2048, generator=g).to("cuda")
+    cands, run = {
+        "lse": (tc.candidates("lse", bd, ka.dtype), lambda c: tc._lse(ka, kb, scale, acc, cand=c)),
+        "sym": (tc.candidates("sym", bd, ka.dtype) + [tc._SPLIT], lambda c: tc._sym_lse(ka, kb, scale, acc, cand=c)),
+        "grad": (tc.candidates("grad", bd, ka.dtype),  # the tiles of the two-sweep backward
+                 lambda c: tc._grad(ka, kb, scale, lse_r, gr, lse_c, gc, True, True, acc, cand=c)),
+        "grads": (tc._grads_candidates(bd, ka.dtype),  # two sweeps, then the one-sweep tiles
+                  lambda c: tc._grads(ka, kb, scale, lse_r, gr, lse_c, gc, True, acc, cand=c)),
+    }[kind]
+    want, checked = run(cands[0]), 0
+    want = want if isinstance(want, tuple) else (want,)
+    for cand in cands[1:]:
+        got = run(cand)
+        for i, (a, b) in enumerate(zip(got if isinstance(got, tuple) else (got,), want)):
+            if a.dtype == torch.int64:  # argmax: row 5's is column 1900 and column 1900's is row 5
+                assert (a == b).float().mean() > 0.99, (cand, i)
+                assert a[5 if i == 2 else 1900].item() == (1900 if i == 2 else 5), (cand, i)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{cand}, output {i}: {m}")
+        checked += 1
+    assert checked == len(cands) - 1 > 0
+
+
 @pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton backend not runnable here")
 def test_triton_deterministic_mode_never_picks_atomics():
     """torch.use_deterministic_algorithms(True) leaves only the two-sweep backward (the one-sweep
