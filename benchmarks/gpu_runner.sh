@@ -13,7 +13,8 @@
 #   the background while the Triton steps run; 0: no build), WMKERNELS_CUDA_ARCHS (80,90: the sm_
 #   targets built), TEST_TIMEOUT (100 s per test step: Triton, then the cuda backend once built),
 #   TESTS (test files; default the GPU-relevant ones), TEST_WORKERS (8, with pytest-xdist),
-#   PYTEST_ARGS (more pytest arguments), PROBE (batch sizes for benchmarks/probe_contrastive_gpu.py,
+#   PYTEST_ARGS (more pytest arguments), EXTRA (a command run after the Triton tests, while the
+#   build may still run; EXTRA_TIMEOUT 60 s), PROBE (batch sizes for benchmarks/probe_contrastive_gpu.py,
 #   65536; 0: skip), PROBE_TIMEOUT (130 s), BENCH_TIMEOUT (240 s), DEADLINE (570 s: every step's
 #   timeout is cut so that the steps after it keep their share and the whole run ends within it,
 #   inside a 10-minute device call), RESULTS (default benchmarks/results/<gpu>-<date>), WHEELS
@@ -57,7 +58,7 @@ if [ "${BUILD_TIMEOUT:-240}" = 0 ]; then
   echo "skipped (BUILD_TIMEOUT=0): the cpu and cuda backends are unavailable" >"$RES/build.log"
 else
   rm -rf "$BLD"
-  MAX_JOBS=${MAX_JOBS:-16} WMKERNELS_BUILD_EXT=1 timeout "$(cap "${BUILD_TIMEOUT:-240}" 250)" \
+  MAX_JOBS=${MAX_JOBS:-16} WMKERNELS_BUILD_EXT=1 timeout "$(cap "${BUILD_TIMEOUT:-240}" 100)" \
     "$PY" setup.py build_ext --build-lib "$BLD" --build-temp "$BLD/temp" >"$RES/build.log" 2>&1 &
   build_pid=$!
 fi
@@ -83,12 +84,18 @@ if [ "${PROBE:-65536}" != 0 ]; then
   # first: it compiles every tile candidate (the tests and the benchmark then find them in
   # Triton's cache) and its per-candidate times are what the open GPU target needs first
   # shellcheck disable=SC2086
-  timeout "$(cap "${PROBE_TIMEOUT:-130}" 330)" "$PY" benchmarks/probe_contrastive_gpu.py ${PROBE:-65536} >"$RES/probe.log" 2>&1 \
+  timeout "$(cap "${PROBE_TIMEOUT:-130}" 200)" "$PY" benchmarks/probe_contrastive_gpu.py ${PROBE:-65536} >"$RES/probe.log" 2>&1 \
     || { echo "probe failed or timed out" >&2; status=1; }
   tail -n 4 "$RES/probe.log"
 fi
 
-run_tests triton "${TEST_TIMEOUT:-100}" 250 triton
+run_tests triton "${TEST_TIMEOUT:-100}" 150 triton
+
+if [ -n "${EXTRA:-}" ]; then  # e.g. a one-off check script, while the build may still run
+  echo "== extra: $EXTRA (log: $RES/extra.log)"
+  timeout "$(cap "${EXTRA_TIMEOUT:-60}" 120)" bash -c "$EXTRA" >"$RES/extra.log" 2>&1 || { echo "extra failed or timed out" >&2; status=1; }
+  tail -n 20 "$RES/extra.log"
+fi
 
 if [ -n "$build_pid" ]; then
   wait "$build_pid" || { echo "build failed or timed out" >&2; status=1; }
@@ -99,7 +106,7 @@ tail -n 3 "$RES/build.log"
   2>&1 | tee "$RES/backends.txt"
 echo "   build done at $((SECONDS - t0)) s"
 if [ -n "$build_pid" ] && ls wmkernels/_C*.so >/dev/null 2>&1; then
-  run_tests cuda "${TEST_TIMEOUT:-100}" 200 "cuda and not triton"
+  run_tests cuda "${TEST_TIMEOUT:-100}" 70 "cuda and not triton"
 fi
 
 echo "== benchmark (log: $RES/bench.log)"

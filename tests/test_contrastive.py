@@ -8,6 +8,16 @@ import torch.nn.functional as F
 import wmkernels
 from conftest import DTYPES, FULL_BACKENDS, TRITON_AVAILABLE, assert_close, device_for, make_layout, runnable_backends
 from wmkernels.cpp import contrastive as cpp_contrastive
+from wmkernels.ops.contrastive import SUPPORTED
+
+# the compiled and reference backends that implement the op (no CUDA C++ contrastive kernel)
+BACKENDS = [b for b in FULL_BACKENDS if b in SUPPORTED]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Overrides conftest's: the full matrix on BACKENDS."""
+    return request.param
 
 
 def reference(z1, z2, scale, labels=None, eps=0.0, normalize=True, symmetric=True, reduction="mean"):
@@ -486,7 +496,7 @@ def test_triton_argmax_ties_take_the_first():
     assert torch.equal(a.accuracy_12, b.accuracy_12) and torch.equal(a.accuracy_21, b.accuracy_21)
 
 
-@pytest.mark.parametrize("backend", [b for b in (*FULL_BACKENDS, "triton") if b != "triton" or TRITON_AVAILABLE])
+@pytest.mark.parametrize("backend", [b for b in (*BACKENDS, "triton") if b != "triton" or TRITON_AVAILABLE])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_far_columns_at_clip_scale(backend, dtype):
     """logit_scale 100 (CLIP's clamp) with one z2 row opposite to every z1 row: its column's logits
@@ -506,7 +516,7 @@ def test_far_columns_at_clip_scale(backend, dtype):
     check(ours, ref, dtype, grad_scale=2.0 if dtype == torch.bfloat16 and backend == "triton" else 1.0)
 
 
-@pytest.mark.parametrize("backend", [b for b in (*FULL_BACKENDS, "triton") if b != "triton" or TRITON_AVAILABLE])
+@pytest.mark.parametrize("backend", [b for b in (*BACKENDS, "triton") if b != "triton" or TRITON_AVAILABLE])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("scale", [1e6, 1e10])
 def test_huge_scales_keep_recomputed_logits_exact(backend, dtype, scale):
@@ -633,10 +643,11 @@ def test_triton_one_sweep_backward_matches_two_sweeps(symmetric, far):
     want = tc._grads(ka, kb, scale, lse_r, gr, lse_c, gc, symmetric, acc, cand=tc._TWO_SWEEPS)
     cands = tc.candidates("fused", tc.block_d(40), ka.dtype)
     assert len(cands) == 2 and want[0].abs().max() > 0.01
+    rtol = 1e-3 if dev == "cuda" else 1e-4  # the GPU rounds G to bf16 for its tensor cores
     for cand in cands:
         got = tc._grads(ka, kb, scale, lse_r, gr, lse_c, gc, symmetric, acc, cand=cand)
         for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a, b, rtol=rtol, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tuned tiles run on a GPU only")
@@ -646,8 +657,8 @@ def test_triton_every_gpu_candidate_matches_the_default(kind, d):
     """Every tile config a large GPU call may pick by timing, at the widths the tables hold (D = 100
     pads to 128 and masks), bf16, B = 2048 (what the probe compiles; the pick is timed at >= 8192
     rows, so no test reaches it by size): each against the default, as the interpreter subset
-    checks them only at D = 40. lse / max to rounding, argmax exactly (ties aside), gradients to
-    rounding."""
+    checks them only at D = 40 (in fp32 there, bf16 here). lse / max to rounding, argmax exactly
+    (ties aside), gradients to bf16 rounding."""
     from wmkernels.triton import contrastive as tc
 
     g = torch.Generator().manual_seed(11)
@@ -675,8 +686,13 @@ def test_triton_every_gpu_candidate_matches_the_default(kind, d):
             if a.dtype == torch.int64:  # argmax: row 5's is column 1900 and column 1900's is row 5
                 assert (a == b).float().mean() > 0.99, (cand, i)
                 assert a[5 if i == 2 else 1900].item() == (1900 if i == 2 else 5), (cand, i)
-            else:
+            elif kind in ("lse", "sym"):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{cand}, output {i}: {m}")
+            else:  # G is rounded to bf16 for the tensor cores: a flipped rounding moves a product by
+                # ~4e-4 of the largest entry (emulated on CPU); a lost column tile moves the norm by %
+                torch.testing.assert_close(a, b, rtol=0, atol=2e-3 * b.abs().max().item(),
+                                           msg=lambda m: f"{cand}, output {i}: {m}")
+                assert (a - b).norm() < 1e-3 * b.norm(), (cand, i)
         checked += 1
     assert checked == len(cands) - 1 > 0
 

@@ -452,7 +452,8 @@ def test_masked_mse_loss_needs_masked_patches(backend):
     # one sample without masked patches is fine: the mean runs over the batch's masked patches
     mask = torch.tensor([[False] * 4, [True, False, True, False]])
     pred = torch.randn(2, 4, 96, dtype=torch.float64)
-    loss = wmkernels.masked_mse_loss(pred.float(), video, mask, tub, backend=backend)
+    dev = device_for(backend)
+    loss = wmkernels.masked_mse_loss(pred.float().to(dev), video.to(dev), mask.to(dev), tub, backend=backend).cpu()
     close(loss, ref_loss(pred, video.double(), mask, tub, "BCTHW", True, "mae", 1e-6), torch.float32)
 
 

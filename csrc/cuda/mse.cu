@@ -67,8 +67,9 @@ __global__ void __launch_bounds__(kThreads) mse_bwd_kernel(const x_t* __restrict
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += step) {
     const int64_t xo = lay.contiguous ? i : offset(lay, 0, i);
     const int64_t yo = lay.contiguous ? i : offset(lay, 1, i);
-    acc_t g = (to_acc<acc_t>(x[xo]) - to_acc<acc_t>(y[yo])) * sc;
-    if (HAS_W) g *= w[offset(lay, 2, i)];
+    // weight times scale first: 2 (x - y) alone can overflow where the gradient does not
+    const acc_t c = HAS_W ? sc * w[offset(lay, 2, i)] : sc;
+    const acc_t g = (to_acc<acc_t>(x[xo]) - to_acc<acc_t>(y[yo])) * c;
     if (gx != nullptr) gx[lay.contiguous ? i : offset(lay, 3, i)] = from_acc<x_t>(g);
     if (gy != nullptr) gy[lay.contiguous ? i : offset(lay, 4, i)] = from_acc<y_t>(-g);
   }

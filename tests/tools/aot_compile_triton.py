@@ -77,6 +77,9 @@ def compile_spec(name: str, index: int) -> None:
         raise RuntimeError(f"{name}.{fn.__name__} {cx} {options}: {n} bytes of register spills on sm_{archs[-1]}")
     if checks.get("wgmma") and archs[-1] >= 90 and "wgmma.mma_async" not in compiled.asm["ptx"]:
         raise RuntimeError(f"{name}.{fn.__name__} {cx} {options}: no wgmma in the sm_{archs[-1]} code (mma.sync only)")
+    if checks.get("no_fma") and re.search(r"\bfma\.rn\.f(32|64)\b", compiled.asm["ptx"]):
+        raise RuntimeError(f"{name}.{fn.__name__} {cx} {options}: fused multiply-adds in the sm_{archs[-1]} code "
+                           "(a logit must be rounded once, as the forward forms it)")
 
 
 def main(modules: list[str]) -> int:
