@@ -60,8 +60,10 @@ _NOISE = 2.0
 
 def _atol(tol: float, rows: int) -> float:
     """The loss averages `rows` rows, so gradient elements are ~0.03 / rows (rms): an absolute
-    tolerance well below that (zeros fail), above bf16 eager's own rounding of the small ones."""
-    return tol * 0.1 / rows
+    tolerance below that (zeros fail), above the reference's own rounding of the small ones (bf16
+    eager's; Inf-CL's, 6e-9 off float64 on one element of 67M at B = 262144, where the rms is
+    1.9e-7: a tenth of tol / rows flagged it)."""
+    return tol * 0.3 / rows
 
 
 # GPU: torch.compile (a fresh compilation per shape) only up to this B; the eager formula above it is
