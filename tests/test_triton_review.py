@@ -90,6 +90,50 @@ def test_every_launch_is_guarded(monkeypatch):
     assert len(seen) == 10 and all(d == x.device for d in seen)
 
 
+def test_every_launch_disables_fp_fusion(monkeypatch):
+    """Every kernel of every op launches with _index.LAUNCH (no fused multiply-adds): the backward's
+    recomputed logit must round as the forward's did, and Triton's default changes in 3.10."""
+    launched = {}
+
+    class Spy:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def call(*args, **kwargs):
+                launched.setdefault(self.name, []).append(kwargs.get("enable_fp_fusion"))
+                return launch(*args, **kwargs)
+            return call
+
+    kernels = [(m, n) for m in (mse, masked, contrastive) for n in dir(m) if n.endswith("_kernel")]
+    for m, n in kernels:
+        monkeypatch.setattr(m, n, Spy(getattr(m, n), f"{m.__name__}.{n}"))
+    dev = device_for("triton")
+    x = torch.randn(2, 3, device=dev, requires_grad=True)
+    wmkernels.mse_loss(x, torch.randn(2, 3, device=dev), backend="triton").backward()
+    video = torch.randn(1, 1, 2, 2, 2, device=dev, requires_grad=True)
+    ids = torch.zeros(1, 1, dtype=torch.int64, device=dev)
+    wmkernels.gather_patches(video, ids, (2, 2, 2), backend="triton").sum().backward()
+    pred = torch.randn(1, 1, 8, device=dev, requires_grad=True)
+    wmkernels.masked_mse_loss(pred, video, ids, (2, 2, 2), backend="triton").backward()
+    vis = torch.randn(1, 1, 4, device=dev, requires_grad=True)
+    ids_restore = torch.tensor([[1, 0]], device=dev)
+    wmkernels.unshuffle_with_mask_tokens(vis, torch.zeros(4, device=dev), ids_restore, backend="triton").sum().backward()
+    z = torch.randn(3, 4, device=dev, requires_grad=True)
+    wmkernels.contrastive_loss(z, torch.randn(3, 4, device=dev), backend="triton").backward()  # fused sweep
+    from wmkernels.triton import contrastive as tc
+    acc, _, _, ka, kb = tc._prepare(z.detach(), z.detach().flip(0), True)
+    one = torch.ones((), device=dev)
+    tc._lse(ka, kb, one, acc, splits=2)  # split columns: the partials' merge
+    lse = tc._lse(ka, kb, one, acc)[0]
+    g = torch.full((3,), 1 / 3, device=dev)
+    tc._grads(ka, kb, one, lse, g, lse, g, True, acc, cand=tc.candidates("fused", 64, torch.bfloat16)[0])
+    assert sorted(launched) == sorted(f"{m.__name__}.{n}" for m, n in kernels)  # each kernel at least once
+    assert all(v is False for calls in launched.values() for v in calls), launched
+
+
 def test_masked_loss_eps_stays_fp64():
     """A compiled kernel gets a Python float as fp32 unless declared fp64 (the interpreter keeps it
     exact, so there only the declaration shows); eps = 0.1 rounded to fp32 moves the loss by ~2e-9."""

@@ -63,7 +63,8 @@ def compile_spec(name: str, index: int) -> None:
     where the spec expects it."""
     spec = importlib.import_module(name).aot_specs()[index]
     fn, sig, cx = spec[:3]
-    options = spec[3] if len(spec) > 3 else {}  # num_warps / num_stages the host code launches with
+    # the options every launch passes, then num_warps / num_stages the host code launches with
+    options = {**importlib.import_module("wmkernels.triton._index").LAUNCH, **(spec[3] if len(spec) > 3 else {})}
     checks = spec[4] if len(spec) > 4 else {}  # targets, tolerated spill bytes, wgmma, divisible ints
     archs = checks.get("archs", ARCHS)
     for arch in archs:  # the earlier targets without alignment assumptions, the last one with them

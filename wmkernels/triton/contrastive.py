@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ..reference import contrastive as ref
-from ._index import on_device
+from ._index import LAUNCH, on_device
 
 _TUNE_MIN_ROWS = 8192  # below this many rows (squared: logits) the first candidate config is used, untimed
 _REDUCE_BLOCK = 256  # columns per program of the partials' reduction
@@ -347,7 +347,7 @@ def _prob(e):
     """exp(e) capped at 1 (NaN kept): e = L - lse is <= 0 in exact arithmetic, but half operands
     recompute a logit from another tile shape than the forward's (another summation order), and at
     logit scales of 1e4+ that ulp-sized mismatch times the scale made probabilities above 1 (54 at
-    temperature 1e-8, gradients 50x too large, before _OPTIONS also ruled out fused multiply-adds).
+    temperature 1e-8, gradients 50x too large, before _index.LAUNCH also ruled out fused multiply-adds).
     The cpu kernel caps the same way."""
     return tl.exp(tl.minimum(e, 0.0, propagate_nan=tl.PropagateNan.ALL))
 
@@ -638,16 +638,9 @@ def _tuned(key: tuple, cands: list, run, logits: int, device: torch.device):
     return run(chosen)
 
 
-# Launch options of every kernel that forms logits: no fused multiply-adds, so that a logit is
-# rounded once (s * x.y) wherever it is formed. A backward that recomputed it as fma(s, x.y, -lse)
-# (unrounded) differed from the forward's by up to half an ulp of the logit: exp(that) is 3% off at
-# logit scale 1e6 in fp32 and inf at 1e10 (found on an H100; the interpreter never fuses).
-_OPTIONS = {"enable_fp_fusion": False}
-
-
 def _meta(kind: str, cand: tuple) -> dict:
     bm, bn, bk, warps, stages = cand[:5]
-    meta = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **_OPTIONS)
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **LAUNCH)
     if kind in ("grad", "fused"):
         meta["ONE_EXP"] = cand[5]
     if kind in ("lse", "sym"):
@@ -717,7 +710,7 @@ def _merge(pm, ps, pa, lse, mx, arg, parts: int, acc_tl) -> None:
     """lse, max, first argmax of each column of the (parts, n) partial statistics."""
     n = lse.shape[0]
     _col_reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK),)](pm, ps, pa, lse, mx, arg, n, parts, ACC=acc_tl,
-                                                         BLOCK=_REDUCE_BLOCK)
+                                                         BLOCK=_REDUCE_BLOCK, **LAUNCH)
 
 
 def _lse(x, y, scale, acc, cand=None, splits=None):
@@ -884,7 +877,7 @@ def aot_specs() -> list[tuple]:
     `checks` names the targets, the register spill bytes tolerated, whether the sm_90 code must use
     wgmma (the half-operand tiles with 64 rows per warp group), the integer arguments the
     launcher sees divisible by 16 at scale (B and D multiples of 16) and whether fused
-    multiply-adds are forbidden (half operands: see _OPTIONS)."""
+    multiply-adds are forbidden (half operands: see _index.LAUNCH)."""
     specs = []
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
     dims = {"M": "i64", "N": "i64", "D": "i64"}
@@ -924,7 +917,7 @@ def aot_specs() -> list[tuple]:
                         else:
                             kernel, sig = _sym_lse_kernel, sym_sig[split]
                         specs.append((kernel, {**sig, **{k: "constexpr" for k in cx}}, cx,
-                                      {"num_warps": warps, "num_stages": stages, **_OPTIONS},
+                                      {"num_warps": warps, "num_stages": stages},
                                       checks(i, (80, 90) if i == 0 and not split else (90,), not wide and bm >= 64,
                                              split)))
             for i, (bm, bn, _, warps, stages, one_exp) in enumerate(candidates("grad", bd, op)):
@@ -939,7 +932,7 @@ def aot_specs() -> list[tuple]:
                            **{p: f"*{aname}" for p in ("scale_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr",
                                                        "out_ptr")}}
                     specs.append((_grad_kernel, {**sig, **dims, "split_cols": "i64", **{k: "constexpr" for k in cx}},
-                                  cx, {"num_warps": warps, "num_stages": stages, **_OPTIONS},
+                                  cx, {"num_warps": warps, "num_stages": stages},
                                   checks(i, (80, 90) if i == 0 and not split else (90,), not wide and bm >= 64, split)))
             # the one-sweep backward (compiles slowly): every bf16 tile, the one-direction variant once,
             # fp16 once (the code does not depend on the half type)
@@ -952,7 +945,7 @@ def aot_specs() -> list[tuple]:
                            **{p: f"*{aname}" for p in ("scale_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr",
                                                        "dx_ptr", "dy_ptr")}}
                     specs.append((_fused_grad_kernel, {**sig, **dims, **{k: "constexpr" for k in cx}}, cx,
-                                  {"num_warps": warps, "num_stages": stages, **_OPTIONS},
+                                  {"num_warps": warps, "num_stages": stages},
                                   checks(i, (80, 90) if i == 0 and op == torch.bfloat16 else (90,),
                                          bm >= 64 and bn >= 64)))
     for aname, acc in (("fp32", tl.float32), ("fp64", tl.float64)):

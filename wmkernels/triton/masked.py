@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..reference import masked as ref
-from ._index import on_device, round_to
+from ._index import LAUNCH, on_device, round_to
 
 _TL = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8"}
 NORM = {"none": 0, "mae": 1, "videomae": 2}
@@ -281,7 +281,7 @@ def gather_patches(video, ids, tubelet, layout, mean, std, out_dtype) -> torch.T
         with on_device(video):
             _gather_kernel[(b * k,)](
                 video, ids.contiguous(), mean, std, out, k, gh, gw, *vs, aff,
-                PT=tubelet[0], PH=tubelet[1], PW=tubelet[2], NC=c, CHUNK=_chunk(p, acc), ACC=_tl_acc(acc),
+                PT=tubelet[0], PH=tubelet[1], PW=tubelet[2], NC=c, CHUNK=_chunk(p, acc), ACC=_tl_acc(acc), **LAUNCH,
             )
     return out
 
@@ -296,7 +296,7 @@ def gather_patches_backward(grad, ids, video_shape, video_dtype, tubelet, layout
         with on_device(grad):
             _scatter_kernel[(b * k,)](
                 grad.contiguous(), ids.contiguous(), std, gv, k, gh, gw, *gs, aff,
-                PT=tubelet[0], PH=tubelet[1], PW=tubelet[2], NC=c, CHUNK=_chunk(p, acc), ACC=_tl_acc(acc),
+                PT=tubelet[0], PH=tubelet[1], PW=tubelet[2], NC=c, CHUNK=_chunk(p, acc), ACC=_tl_acc(acc), **LAUNCH,
             )
     return gv.to(video_dtype)
 
@@ -333,7 +333,7 @@ def _loss_rows(pred, video, index, tubelet, layout, norm_pix, norm_mode, eps, me
                 r, gh, gw, *vs, *gs,
                 NORM[norm_mode] if norm_pix else 0, float(eps), int(is_mask), aff, int(write_gp), int(write_gv),
                 PT=tubelet[0], PH=tubelet[1], PW=tubelet[2], NC=c, NCP=triton.next_power_of_2(c), CHUNK=_chunk(p, acc),
-                ACC=_tl_acc(acc),
+                ACC=_tl_acc(acc), **LAUNCH,
             )
     loss = row_loss.sum() / denom
     return loss, (gp if write_gp else None), (gv.to(video.dtype) if write_gv else None)
@@ -378,7 +378,7 @@ def unshuffle_forward(visible, mask_token, ids_restore, pos_embed, out_dtype) ->
         with on_device(vis):
             _unshuffle_kernel[(b * n, triton.cdiv(d, BLOCK_D))](
                 vis, tok, ids_restore.contiguous(), pos, out, k, n, d, *ps, int(pos_embed is not None),
-                ADD=_add_dtype(out_dtype), BLOCK_D=BLOCK_D,
+                ADD=_add_dtype(out_dtype), BLOCK_D=BLOCK_D, **LAUNCH,
             )
     return out
 
@@ -393,7 +393,7 @@ def unshuffle_backward(grad, ids_restore, num_visible: int, visible_dtype, token
         if b * n:
             with on_device(grad):
                 _unshuffle_bwd_kernel[(b * n, triton.cdiv(d, BLOCK_D))](
-                    grad, ids_restore.contiguous(), gv, num_visible, n, d, BLOCK_D=BLOCK_D,
+                    grad, ids_restore.contiguous(), gv, num_visible, n, d, BLOCK_D=BLOCK_D, **LAUNCH,
                 )
         gv = gv.to(visible_dtype)
     if need_token:  # a reduction over the mask-token rows: one masked sum

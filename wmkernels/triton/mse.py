@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .._layout import padded_layout
 from ..reference.mse import mse_denominator
-from ._index import offset, on_device, round_to, strided_offset
+from ._index import LAUNCH, offset, on_device, round_to, strided_offset
 
 BLOCK = 1024
 ITERS = 8
@@ -122,7 +122,7 @@ def mse_forward(input, target, weight, reduction: str, out_dtype: torch.dtype) -
     with on_device(input):
         _mse_fwd_kernel[grid](
             input, target, w, partial, n, *sizes[1:], *strides[0], *strides[1], *strides[2],
-            HAS_W=weight is not None, CONTIG=contig, ACC=_tl_acc(acc), BLOCK=BLOCK, ITERS=ITERS,
+            HAS_W=weight is not None, CONTIG=contig, ACC=_tl_acc(acc), BLOCK=BLOCK, ITERS=ITERS, **LAUNCH,
         )
     total = partial.sum()
     if reduction == "mean":
@@ -151,7 +151,7 @@ def mse_backward(grad_out, input, target, weight, reduction: str, need_input: bo
                 input, target, w, scale, gx, gy, n, *sizes[1:],
                 *strides[0], *strides[1], *strides[2], *strides[3], *strides[4],
                 HAS_W=weight is not None, WRITE_GX=need_input, WRITE_GY=need_target, CONTIG=contig,
-                ACC=_tl_acc(acc), BLOCK=BLOCK,
+                ACC=_tl_acc(acc), BLOCK=BLOCK, **LAUNCH,
             )
     return (gx if need_input else None), (gy if need_target else None)
 
@@ -161,7 +161,8 @@ _STRIDE_ARGS = [f"{p}s{d}" for p in ("x", "y", "w") for d in range(5)]
 
 
 def aot_specs() -> list[tuple]:
-    """(kernel, signature, constexprs) for every dtype pairing and flag set this module launches."""
+    """(kernel, signature, constexprs[, options, checks]) for every dtype pairing and flag set this
+    module launches."""
     pairs = [(d, d) for d in _TL_NAMES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
     specs = []
     for xd, yd in pairs:
@@ -174,7 +175,11 @@ def aot_specs() -> list[tuple]:
                 fwd_sig = {"x_ptr": f"*{tx}", "y_ptr": f"*{ty}", "w_ptr": f"*{ta}", "partial_ptr": f"*{ta}", "n": "i64",
                            **sizes, **{a: "i64" for a in _STRIDE_ARGS}}
                 fwd_cx = {**flags, "BLOCK": BLOCK, "ITERS": ITERS}
-                specs.append((_mse_fwd_kernel, {**fwd_sig, **{k: "constexpr" for k in fwd_cx}}, fwd_cx))
+                # fp64, weighted, strided: three 5-d offsets of fp64 rows; triton 3.6 spills 24 bytes
+                # there without fused multiply-adds (_index.LAUNCH), a bandwidth-bound fallback path
+                spill = 32 if acc == torch.float64 and has_w and not contig else 0
+                specs.append((_mse_fwd_kernel, {**fwd_sig, **{k: "constexpr" for k in fwd_cx}}, fwd_cx, {},
+                              {"max_spill_bytes": spill}))
                 bwd_sig = {"x_ptr": f"*{tx}", "y_ptr": f"*{ty}", "w_ptr": f"*{ta}", "scale_ptr": f"*{ta}",
                            "gx_ptr": f"*{tx}", "gy_ptr": f"*{ty}", "n": "i64", **sizes,
                            **{a: "i64" for a in _STRIDE_ARGS},
