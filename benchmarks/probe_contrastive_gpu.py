@@ -1,13 +1,14 @@
 """GPU probe of the Triton contrastive kernels alone: the symmetric forward (one fused sweep, and
 two one-direction sweeps) and the backward (two gradient sweeps, and one sweep with atomics) timed
-apart and per candidate, the tile config and strategy each size picked, and the tensor-core rates
-(the split forward's counting the FLOPs it executes; the rest nominal: 2 B^2 D forward, 4 B^2 D
-backward).
+apart and per candidate, the first call's time (compiling, tuning), the tile config and strategy
+each size picked, and the tensor-core rates (the split forward's counting the FLOPs it executes;
+the rest nominal: 2 B^2 D forward, 4 B^2 D backward).
 
 Usage: python benchmarks/probe_contrastive_gpu.py [B ...]   (bf16, D = 256 and 512)
 """
 import json
 import sys
+import time
 
 import torch
 
@@ -35,6 +36,13 @@ def main(sizes):
             z1 = torch.randn(b, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
             z2 = torch.randn(b, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
             scale = torch.tensor(14.0, device="cuda")
+            # the first call of a size: compiles (cold Triton cache on a fresh machine) and times the
+            # candidates (B >= 8192), what a user's first step pays once
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            wmkernels.contrastive_loss(z1, z2, logit_scale=scale, backend="triton").backward()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
             acc, a, bb, ka, kb = tc._prepare(z1, z2, True)
             split = timed(lambda: (tc._lse(ka, kb, scale, acc), tc._lse(kb, ka, scale, acc)))
             fwd = timed(lambda: tc._sym_lse(ka, kb, scale, acc))  # fused or split, whichever was timed faster
@@ -49,7 +57,7 @@ def main(sizes):
                 bwd_cand[str(c)] = round(ms, 3)
             total = timed(lambda: wmkernels.contrastive_loss(z1, z2, logit_scale=scale, backend="triton").backward())
             f = 2 * b * b * d
-            rows.append({"B": b, "D": d, "fwd_ms": fwd * 1e3, "fwd_split_ms": split * 1e3, "bwd_ms": bwd * 1e3,
+            rows.append({"B": b, "D": d, "first_call_s": first, "fwd_ms": fwd * 1e3, "fwd_split_ms": split * 1e3, "bwd_ms": bwd * 1e3,
                          "fwd_bwd_ms": total * 1e3, "fwd_split_tflops_executed": 2 * f / split / 1e12,
                          "fwd_tflops_nominal": f / fwd / 1e12, "bwd_tflops_nominal": 2 * f / bwd / 1e12,
                          "nominal_tflops": 3 * f / total / 1e12, "fwd_ms_per_candidate": per_cand,
