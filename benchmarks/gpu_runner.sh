@@ -65,7 +65,7 @@ fi
 
 if [ -z "${TESTS:-}" ]; then
   # test_gpu_build (ahead-of-time compiles, minutes of CPU) and test_bench run in CI already
-  TESTS=$(ls tests/test_mse.py tests/test_masked.py tests/test_contrastive.py tests/test_triton_review.py tests/test_nonfinite.py 2>/dev/null | tr '\n' ' ')
+  TESTS=$(ls tests/test_mse.py tests/test_masked.py tests/test_contrastive.py tests/test_triton_review.py tests/test_nonfinite.py tests/test_train.py 2>/dev/null | tr '\n' ' ')
 fi
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-8}"  # pytest-xdist when present
