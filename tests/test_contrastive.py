@@ -585,6 +585,31 @@ def test_triton_one_exp_backward_matches_two_exps(far):
 
 
 @pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton backend not runnable here")
+@pytest.mark.parametrize("d", [40, 100])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_triton_output_chunks_match_whole_rows(d, splits):
+    """The backward with each row block's output features in chunks (BLOCK_O < padded D, a GPU
+    tuning candidate at D = 512) against whole rows: D = 40 and 100 (the last chunk partly or wholly
+    past D), M != N with a partial last tile, with and without column splits; both terms."""
+    from wmkernels.triton import contrastive as tc
+
+    g = torch.Generator().manual_seed(12)
+    dev = device_for("triton")
+    z1, z2 = torch.randn(70, d, generator=g).to(dev), torch.randn(45, d, generator=g).to(dev)
+    acc, _, _, ka, kb = tc._prepare(z1, z2, True)
+    scale = torch.tensor(14.0, device=dev)
+    lse_r, _, _, lse_c, _, _ = tc._sym_lse(ka, kb, scale, acc, cand=tc._SPLIT)
+    gr, gc = torch.rand(70, generator=g).to(dev), torch.rand(45, generator=g).to(dev)
+    bd = tc.block_d(d)
+    whole = tc._grad(ka, kb, scale, lse_r, gr, lse_c, gc, True, True, acc, cand=(32, 16, bd, 4, 2, False), splits=1)
+    for bo in (bd // 2, bd // 4):
+        got = tc._grad(ka, kb, scale, lse_r, gr, lse_c, gc, True, True, acc, cand=(32, 16, bo, 4, 2, False),
+                       splits=splits)
+        torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-6, msg=lambda m: f"BLOCK_O {bo}: {m}")
+    assert whole.abs().max() > 0.01
+
+
+@pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton backend not runnable here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_column_splits_match_one_sweep(dtype):
     """Few rows against many columns (a rank's rows against the gathered batch): the forward and

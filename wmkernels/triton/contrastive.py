@@ -407,18 +407,45 @@ def _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, N,
 
 
 @triton.jit
+def _out_features(y, y_ptr, cols, oo, N, D, MASK_N: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_O: tl.constexpr):
+    """The features `oo` of the tile's y rows, the product's operand: the tile itself when a
+    program owns whole rows (BLOCK_O == BLOCK_D), else those columns read again (from cache)."""
+    if BLOCK_O == BLOCK_D:
+        out = y
+    else:
+        ptrs = y_ptr + cols[:, None] * D + oo[None, :]
+        if MASK_N:
+            if EVEN_D:
+                out = tl.load(ptrs, mask=(cols < N)[:, None], other=0.0)
+            else:
+                out = tl.load(ptrs, mask=(cols < N)[:, None] & (oo < D)[None, :], other=0.0)
+        else:
+            if EVEN_D:
+                out = tl.load(ptrs)
+            else:
+                out = tl.load(ptrs, mask=(oo < D)[None, :], other=0.0)
+    return out
+
+
+@triton.jit
 def _grad_kernel(
     x_ptr, y_ptr, scale_ptr, lse_x_ptr, g_x_ptr, lse_y_ptr, g_y_ptr, out_ptr, M, N, D, split_cols,
     ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ONE_EXP: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_O: tl.constexpr, ONE_EXP: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """out_i = sum_j G_ij y_j with G_ij = g_x[i] exp(L_ij - lse_x[i]) (ROW_TERM)
     + g_y[j] exp(L_ij - lse_y[j]) (COL_TERM), L = scale * x @ y.T recomputed per tile; fp32 out.
-    With SPLIT, program (i, c) sums over the columns of split c only, into out[c] (c, M, D)."""
+    With SPLIT, program (i, c) sums over the columns of split c only, into out[c] (c, M, D).
+    BLOCK_O < BLOCK_D: each row block's output features in BLOCK_D / BLOCK_O programs of BLOCK_O
+    features each, every one recomputing the full logits (more FLOPs, a smaller accumulator: at
+    D = 512 a 64 x 512 fp32 one holds half the registers of a warp group)."""
+    N_OUT: tl.constexpr = BLOCK_D // BLOCK_O
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rows = (pid // N_OUT) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     dd = tl.arange(0, BLOCK_D).to(tl.int64)
+    oo = (pid % N_OUT) * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
     rmask = rows < M
     x = _load_rows(x_ptr, rows, dd, M, D, EVEN_D)
     s = tl.load(scale_ptr).to(ACC)
@@ -428,26 +455,28 @@ def _grad_kernel(
         lse_x = tl.load(lse_x_ptr + rows, mask=rmask, other=0.0)
         g_x = tl.load(g_x_ptr + rows, mask=rmask, other=0.0)
     big, u = _row_rescale(lse_x, rmask)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_O], ACC)
     c0, c1 = _col_range(N, split_cols, SPLIT)
     n_full = c0 + ((c1 - c0) // BLOCK_N) * BLOCK_N
     for j0 in range(c0, n_full, BLOCK_N):  # c1 bounds the masks
         cols = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
         y, logits = _tile_logits(x, y_ptr, cols, dd, c1, D, s, False, EVEN_D, ACC, PREC, UPCAST)
+        y = _out_features(y, y_ptr, cols, oo, c1, D, False, EVEN_D, BLOCK_D, BLOCK_O)
         acc = _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, c1, ROW_TERM, COL_TERM,
                          ONE_EXP, False, ACC, PREC, UPCAST)
     if n_full < c1:
         cols = n_full + tl.arange(0, BLOCK_N).to(tl.int64)
         y, logits = _tile_logits(x, y_ptr, cols, dd, c1, D, s, True, EVEN_D, ACC, PREC, UPCAST)
+        y = _out_features(y, y_ptr, cols, oo, c1, D, True, EVEN_D, BLOCK_D, BLOCK_O)
         acc = _grad_tile(acc, y, logits, lse_x, g_x, u, big, lse_y_ptr, g_y_ptr, cols, c1, ROW_TERM, COL_TERM,
                          ONE_EXP, True, ACC, PREC, UPCAST)
     if SPLIT:
         out_ptr += tl.program_id(1).to(tl.int64) * M * D
-    ptrs = out_ptr + rows[:, None] * D + dd[None, :]
+    ptrs = out_ptr + rows[:, None] * D + oo[None, :]
     if EVEN_D:
         tl.store(ptrs, acc, mask=rmask[:, None])
     else:
-        tl.store(ptrs, acc, mask=rmask[:, None] & (dd < D)[None, :])
+        tl.store(ptrs, acc, mask=rmask[:, None] & (oo < D)[None, :])
 
 
 @triton.jit
@@ -563,15 +592,20 @@ def block_d(d: int) -> int:
 def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, ONE_EXP for "grad" / "fused"]) to try for
     `kind` ("lse" / "sym" / "grad" / "fused": the one-sweep backward, half operands only), padded
-    width `bd` and operand dtype; the first is the default. BLOCK_K < bd (forward only) streams the
-    rows' features in chunks instead of keeping them resident.
+    width `bd` and operand dtype; the first is the default. BLOCK_K < bd (forward) streams the
+    rows' features in chunks instead of keeping them resident; for "grad" the third field is
+    BLOCK_O, the output features per program (< bd: a row block's gradient in bd / BLOCK_O
+    programs, each recomputing the logits: 6 instead of 4 B^2 D per sweep for half the accumulator;
+    candidates at bd = 512 only, where the H100 ran the whole-row backward at half the D = 256
+    rate; not yet timed on a GPU: the tuner decides).
 
     Register spills, sm_90, in the launcher's aligned specialization (16-byte aligned rows, B and D
     multiples of 16: what runs at scale; tests/tools/aot_compile_triton.py enforces the triton 3.9
-    figures): the half-operand tiles are spill-free on triton 3.9 and 3.6 except the symmetric
-    (128, 64, 64) tiles at bd 256 / 512 (72 / 264 bytes on 3.9, 16 / 148 on 3.6), the two-exp
-    (64, 32) backward tile at 512 (32 / 0) and the one-sweep (16, 32) tile at 512 (64 / 128; every
-    one-sweep tile with wgmma spills 2-4 KB there).
+    figures), compiled without fused multiply-adds (_index.LAUNCH): the half-operand tiles are
+    spill-free on triton 3.9 and 3.6 except the symmetric (128, 64, 64) tiles at bd 256 / 512
+    (0 / 108 bytes on 3.9, 16 / 128 on 3.6), the two-exp (64, 32) backward tile at 512 (16 / 0),
+    its output-chunked (64, 32, 256) variant (0 / 56) and the one-sweep (16, 32) tile at 512 (64 /
+    96; every one-sweep tile with wgmma spills 2-4 KB there).
     Unaligned operands compile another specialization without vectorized, pipelined loads, which
     spills more (up to ~3.5 KB for the two-exp backward tiles on 3.6). The one-sweep backward keeps
     a BLOCK_N x bd accumulator and forms a BLOCK_M x bd product per tile, and its fp32 atomics (bd
@@ -610,13 +644,13 @@ def candidates(kind: str, bd: int, op: torch.dtype) -> list[tuple[int, int, int,
                  256: [(128, 64, 256, 8, 2), (128, 128, 256, 8, 2), (64, 64, 256, 4, 3)],
                  512: [(64, 64, 128, 4, 3), (128, 32, 512, 8, 2), (64, 32, 512, 4, 3)],
                  }.get(max(64, bd), [(64, 64, 128, 4, 3)])
-    else:  # the last field: ONE_EXP (see _grad_weights)
+    else:  # the third field: BLOCK_O (output features per program), the last: ONE_EXP (see _grad_weights)
         table = {64: [(128, 64, 64, 8, 2, False), (64, 64, 64, 4, 3, False), (128, 32, 64, 8, 2, True)],
                  128: [(64, 64, 128, 4, 3, False), (64, 64, 128, 8, 2, False), (64, 32, 128, 4, 3, True)],
                  256: [(64, 16, 256, 8, 2, True), (64, 32, 256, 8, 2, True), (64, 32, 256, 4, 2, False),
                        (128, 32, 256, 8, 2, False), (32, 32, 256, 4, 2, True)],
                  512: [(64, 16, 512, 8, 2, True), (64, 16, 512, 8, 2, False), (64, 32, 512, 8, 2, False),
-                       (32, 32, 512, 8, 2, True)],
+                       (32, 32, 512, 8, 2, True), (64, 32, 256, 8, 2, False), (64, 16, 256, 8, 2, False)],
                  }.get(max(64, bd), [(32, 16, bd, 8, 1, False)])
     return [(bm, bn, min(bk, bd), *rest) for bm, bn, bk, *rest in table]  # BLOCK_K <= padded D
 
@@ -645,6 +679,8 @@ def _meta(kind: str, cand: tuple) -> dict:
         meta["ONE_EXP"] = cand[5]
     if kind in ("lse", "sym"):
         meta["BLOCK_K"] = bk
+    if kind == "grad":
+        meta["BLOCK_O"] = bk
     return meta
 
 
@@ -745,7 +781,7 @@ def _grad(x, y, scale, lse_x, g_x, lse_y, g_y, row_term: bool, col_term: bool, a
     cx.update(ROW_TERM=row_term, COL_TERM=col_term)
 
     def run(cand):
-        programs = triton.cdiv(m, cand[0])
+        programs = triton.cdiv(m, cand[0]) * (bd // cand[2])  # row blocks x output feature chunks
         k, cols = _col_splits(programs, n, cand[1], dev, splits)
         out = torch.empty((k, *x.shape), dtype=acc, device=dev)
         _grad_kernel[(programs, k)](x, y, scale, lse_x, g_x, lse_y, g_y, out, m, n, d, cols, **cx,
@@ -920,14 +956,14 @@ def aot_specs() -> list[tuple]:
                                       {"num_warps": warps, "num_stages": stages},
                                       checks(i, (80, 90) if i == 0 and not split else (90,), not wide and bm >= 64,
                                              split)))
-            for i, (bm, bn, _, warps, stages, one_exp) in enumerate(candidates("grad", bd, op)):
+            for i, (bm, bn, bo, warps, stages, one_exp) in enumerate(candidates("grad", bd, op)):
                 if i and op != torch.bfloat16:
                     break
                 terms = ((True, False), (True, True), (False, True)) if bd == 64 and i == 0 else ((True, True),)
                 splits = (False, True) if i == 0 and op == torch.bfloat16 else (False,)
                 for (row_term, col_term), split in [(t, sp) for t in terms for sp in splits]:
                     cx = {"ROW_TERM": row_term, "COL_TERM": col_term, **base, "BLOCK_M": bm, "BLOCK_N": bn,
-                          "ONE_EXP": one_exp, "SPLIT": split}
+                          "BLOCK_O": bo, "ONE_EXP": one_exp, "SPLIT": split}
                     sig = {"x_ptr": f"*{name}", "y_ptr": f"*{name}",
                            **{p: f"*{aname}" for p in ("scale_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr",
                                                        "out_ptr")}}
