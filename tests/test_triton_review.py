@@ -123,13 +123,13 @@ def test_every_launch_disables_fp_fusion(monkeypatch):
     wmkernels.unshuffle_with_mask_tokens(vis, torch.zeros(4, device=dev), ids_restore, backend="triton").sum().backward()
     z = torch.randn(3, 4, device=dev, requires_grad=True)
     wmkernels.contrastive_loss(z, torch.randn(3, 4, device=dev), backend="triton").backward()  # fused sweep
-    from wmkernels.triton import contrastive as tc
-    acc, _, _, ka, kb = tc._prepare(z.detach(), z.detach().flip(0), True)
+    zb = z.detach().bfloat16()  # the one-sweep backward takes half operands only
+    acc, _, _, ka, kb = contrastive._prepare(zb, zb.flip(0), True)
     one = torch.ones((), device=dev)
-    tc._lse(ka, kb, one, acc, splits=2)  # split columns: the partials' merge
-    lse = tc._lse(ka, kb, one, acc)[0]
+    contrastive._lse(ka, kb, one, acc, splits=2)  # split columns: the partials' merge
+    lse = contrastive._lse(ka, kb, one, acc)[0]
     g = torch.full((3,), 1 / 3, device=dev)
-    tc._grads(ka, kb, one, lse, g, lse, g, True, acc, cand=tc.candidates("fused", 64, torch.bfloat16)[0])
+    contrastive._grads(ka, kb, one, lse, g, lse, g, True, acc, cand=contrastive.candidates("fused", 64, ka.dtype)[0])
     assert sorted(launched) == sorted(f"{m.__name__}.{n}" for m, n in kernels)  # each kernel at least once
     assert all(v is False for calls in launched.values() for v in calls), launched
 
