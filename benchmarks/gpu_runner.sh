@@ -72,9 +72,9 @@ XDIST=""
 run_tests() {  # run_tests NAME WANT RESERVE -k-EXPRESSION
   local t=$SECONDS
   echo "== tests: $1 (not slow; log: $RES/tests-$1.log)"
-  # shellcheck disable=SC2086
   # niced: while the build runs it should get the cores first (run 4's build lost its window to
   # the test workers' Triton compiles)
+  # shellcheck disable=SC2086
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout "$(cap "$2" "$3")" nice -n 10 "$PY" -m pytest -m "not slow" -q -p no:cacheprovider \
     $XDIST -k "$4" ${PYTEST_ARGS:-} $TESTS >"$RES/tests-$1.log" 2>&1 || { echo "tests ($1) failed or timed out" >&2; status=1; }
   tail -n 12 "$RES/tests-$1.log"
