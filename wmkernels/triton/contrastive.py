@@ -66,20 +66,27 @@ def _mma(p, q, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_rows_of(y_ptr, cols, feats, N, D, MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
+    """y[cols][:, feats] (row-major, D per row), zeros for rows >= N (MASK_N) and features >= D."""
+    ptrs = y_ptr + cols[:, None] * D + feats[None, :]
+    if MASK_N:
+        if EVEN_D:
+            out = tl.load(ptrs, mask=(cols < N)[:, None], other=0.0)
+        else:
+            out = tl.load(ptrs, mask=(cols < N)[:, None] & (feats < D)[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            out = tl.load(ptrs)
+        else:
+            out = tl.load(ptrs, mask=(feats < D)[None, :], other=0.0)
+    return out
+
+
+@triton.jit
 def _tile_logits(x, y_ptr, cols, dd, N, D, s, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
                  ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """(y rows `cols`, scale * x @ y.T) for one column tile; -inf in columns >= N when MASK_N."""
-    ptrs = y_ptr + cols[:, None] * D + dd[None, :]
-    if MASK_N:
-        if EVEN_D:
-            y = tl.load(ptrs, mask=(cols < N)[:, None], other=0.0)
-        else:
-            y = tl.load(ptrs, mask=(cols < N)[:, None] & (dd < D)[None, :], other=0.0)
-    else:
-        if EVEN_D:
-            y = tl.load(ptrs)
-        else:
-            y = tl.load(ptrs, mask=(dd < D)[None, :], other=0.0)
+    y = _load_rows_of(y_ptr, cols, dd, N, D, MASK_N, EVEN_D)
     logits = _mma(x, tl.trans(y), ACC, PREC, UPCAST) * s
     if MASK_N:
         logits = tl.where((cols < N)[None, :], logits, float("-inf"))
@@ -414,17 +421,7 @@ def _out_features(y, y_ptr, cols, oo, N, D, MASK_N: tl.constexpr, EVEN_D: tl.con
     if BLOCK_O == BLOCK_D:
         out = y
     else:
-        ptrs = y_ptr + cols[:, None] * D + oo[None, :]
-        if MASK_N:
-            if EVEN_D:
-                out = tl.load(ptrs, mask=(cols < N)[:, None], other=0.0)
-            else:
-                out = tl.load(ptrs, mask=(cols < N)[:, None] & (oo < D)[None, :], other=0.0)
-        else:
-            if EVEN_D:
-                out = tl.load(ptrs)
-            else:
-                out = tl.load(ptrs, mask=(oo < D)[None, :], other=0.0)
+        out = _load_rows_of(y_ptr, cols, oo, N, D, MASK_N, EVEN_D)
     return out
 
 
