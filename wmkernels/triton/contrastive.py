@@ -436,8 +436,8 @@ def _grad_kernel(
     + g_y[j] exp(L_ij - lse_y[j]) (COL_TERM), L = scale * x @ y.T recomputed per tile; fp32 out.
     With SPLIT, program (i, c) sums over the columns of split c only, into out[c] (c, M, D).
     BLOCK_O < BLOCK_D: each row block's output features in BLOCK_D / BLOCK_O programs of BLOCK_O
-    features each, every one recomputing the full logits (more FLOPs, a smaller accumulator: at
-    D = 512 a 64 x 512 fp32 one holds half the registers of a warp group)."""
+    features each, every one recomputing the full logits (more FLOPs, a smaller accumulator: a
+    64 x 512 fp32 one takes 128 registers per thread of 8 warps, split in two 64)."""
     N_OUT: tl.constexpr = BLOCK_D // BLOCK_O
     pid = tl.program_id(0).to(tl.int64)
     rows = (pid // N_OUT) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
