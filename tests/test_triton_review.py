@@ -59,6 +59,24 @@ def test_on_device_guards_the_tensors_gpu():
     assert not isinstance(_index.on_device(torch.empty(1)), torch.cuda.device)
 
 
+def _each_public_op(dev: str):
+    """One forward+backward of every public op on tiny inputs, on the Triton backend: a list of
+    callables, run in order by the launch tests."""
+    video = torch.randn(1, 1, 2, 2, 2, device=dev, requires_grad=True)  # one 2x2x2 tubelet, P = 8
+    ids = torch.zeros(1, 1, dtype=torch.int64, device=dev)
+    x, pred, vis, z = (torch.randn(*shape, device=dev, requires_grad=True) for shape in ((2, 3), (1, 1, 8), (1, 1, 4),
+                                                                                        (3, 4)))
+    ids_restore = torch.tensor([[1, 0]], device=dev)
+    return [
+        lambda: wmkernels.mse_loss(x, torch.randn(2, 3, device=dev), backend="triton").backward(),
+        lambda: wmkernels.gather_patches(video, ids, (2, 2, 2), backend="triton").sum().backward(),
+        lambda: wmkernels.masked_mse_loss(pred, video, ids, (2, 2, 2), backend="triton").backward(),
+        lambda: wmkernels.unshuffle_with_mask_tokens(vis, torch.zeros(4, device=dev), ids_restore,
+                                                     backend="triton").sum().backward(),
+        lambda: wmkernels.contrastive_loss(z, torch.randn(3, 4, device=dev), backend="triton").backward(),  # fused
+    ]
+
+
 def test_every_launch_is_guarded(monkeypatch):
     """Triton launches on the current device: each launcher must enter the tensors' device first."""
     seen = []
@@ -67,27 +85,13 @@ def test_every_launch_is_guarded(monkeypatch):
         seen.append(t.device)
         return _index.on_device(t)
 
-    monkeypatch.setattr(mse, "on_device", record)
-    monkeypatch.setattr(masked, "on_device", record)
+    for module in (mse, masked, contrastive):
+        monkeypatch.setattr(module, "on_device", record)
     dev = device_for("triton")
-    x = torch.randn(2, 3, device=dev, requires_grad=True)
-    wmkernels.mse_loss(x, torch.randn(2, 3, device=dev), backend="triton").backward()
-    assert len(seen) == 2
-    video = torch.randn(1, 1, 2, 2, 2, device=dev, requires_grad=True)  # one 2x2x2 tubelet, P = 8
-    ids = torch.zeros(1, 1, dtype=torch.int64, device=dev)
-    wmkernels.gather_patches(video, ids, (2, 2, 2), backend="triton").sum().backward()
-    assert len(seen) == 4
-    pred = torch.randn(1, 1, 8, device=dev, requires_grad=True)
-    wmkernels.masked_mse_loss(pred, video, ids, (2, 2, 2), backend="triton").backward()
-    assert len(seen) == 6
-    vis = torch.randn(1, 1, 4, device=dev, requires_grad=True)
-    ids_restore = torch.tensor([[1, 0]], device=dev)
-    wmkernels.unshuffle_with_mask_tokens(vis, torch.zeros(4, device=dev), ids_restore, backend="triton").sum().backward()
-    assert len(seen) == 8
-    monkeypatch.setattr(contrastive, "on_device", record)
-    z = torch.randn(3, 4, device=dev, requires_grad=True)
-    wmkernels.contrastive_loss(z, torch.randn(3, 4, device=dev), backend="triton").backward()
-    assert len(seen) == 10 and all(d == x.device for d in seen)
+    for i, op in enumerate(_each_public_op(dev)):
+        op()
+        assert len(seen) == 2 * (i + 1)  # the forward's launcher and the backward's
+    assert all(d == torch.empty(0, device=dev).device for d in seen)  # cuda:0, not "cuda", on a GPU
 
 
 def test_every_launch_disables_fp_fusion(monkeypatch):
@@ -111,19 +115,10 @@ def test_every_launch_disables_fp_fusion(monkeypatch):
     for m, n in kernels:
         monkeypatch.setattr(m, n, Spy(getattr(m, n), f"{m.__name__}.{n}"))
     dev = device_for("triton")
-    x = torch.randn(2, 3, device=dev, requires_grad=True)
-    wmkernels.mse_loss(x, torch.randn(2, 3, device=dev), backend="triton").backward()
-    video = torch.randn(1, 1, 2, 2, 2, device=dev, requires_grad=True)
-    ids = torch.zeros(1, 1, dtype=torch.int64, device=dev)
-    wmkernels.gather_patches(video, ids, (2, 2, 2), backend="triton").sum().backward()
-    pred = torch.randn(1, 1, 8, device=dev, requires_grad=True)
-    wmkernels.masked_mse_loss(pred, video, ids, (2, 2, 2), backend="triton").backward()
-    vis = torch.randn(1, 1, 4, device=dev, requires_grad=True)
-    ids_restore = torch.tensor([[1, 0]], device=dev)
-    wmkernels.unshuffle_with_mask_tokens(vis, torch.zeros(4, device=dev), ids_restore, backend="triton").sum().backward()
-    z = torch.randn(3, 4, device=dev, requires_grad=True)
-    wmkernels.contrastive_loss(z, torch.randn(3, 4, device=dev), backend="triton").backward()  # fused sweep
-    zb = z.detach().bfloat16()  # the one-sweep backward takes half operands only
+    for op in _each_public_op(dev):
+        op()
+    z = torch.randn(3, 4, device=dev)
+    zb = z.bfloat16()  # the one-sweep backward takes half operands only
     acc, _, _, ka, kb = contrastive._prepare(zb, zb.flip(0), True)
     one = torch.ones((), device=dev)
     contrastive._lse(ka, kb, one, acc, splits=2)  # split columns: the partials' merge
