@@ -399,6 +399,48 @@ def test_distributed_unequal_batches_are_refused(tmp_path):
         assert len(errors) == 2 and all("same (batch, dim) on every rank" in e and "(4, 8), (3, 8)" in e for e in errors)
 
 
+def _gather_grad_worker(rank, world, port, out_path):
+    import torch.distributed as dist
+
+    from wmkernels.ops import contrastive_dist as cd
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    got = []
+    for refuse in (False, True):  # the reduce-scatter, then a process group that has none
+        if refuse:
+            def refused(*args, **kwargs):
+                raise RuntimeError("ProcessGroupGloo does not support reduce_scatter")
+
+            cd._reduce_scatter_into = refused
+        x = torch.arange(6.0, dtype=torch.float64).reshape(2, 3).add(10 * rank).requires_grad_()
+        gathered = cd.gather_with_grad(x)
+        weight = torch.arange(world * 6.0, dtype=torch.float64).reshape(world * 2, 3) * (rank + 1)
+        grad_in = weight.clone()
+        gathered.backward(grad_in)
+        # the gradient autograd handed in is not written (the all-reduce fallback works on a copy)
+        got.append((gathered.detach(), x.grad, torch.equal(grad_in, weight), set(cd._NO_REDUCE_SCATTER)))
+    torch.save(got, f"{out_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_gather_with_grad_sums_each_ranks_slice(tmp_path):
+    """Forward: every rank's rows in rank order; backward: this rank's rows of the gradients summed
+    over ranks, by reduce-scatter and by the all-reduce fallback alike."""
+    import torch.multiprocessing as mp
+
+    world, out = 3, str(tmp_path / "gather")
+    mp.spawn(_gather_grad_worker, args=(world, _free_port(), out), nprocs=world, join=True)
+    rows = torch.arange(6.0, dtype=torch.float64).reshape(2, 3)
+    want_fwd = torch.cat([rows + 10 * r for r in range(world)])
+    total = torch.arange(world * 6.0, dtype=torch.float64).reshape(world * 2, 3) * sum(range(1, world + 1))
+    for rank in range(world):
+        for (fwd, grad, untouched, refused), fallback in zip(torch.load(f"{out}.{rank}"), (False, True)):
+            assert torch.equal(fwd, want_fwd)
+            assert torch.equal(grad, total[2 * rank : 2 * rank + 2])
+            assert untouched
+            assert refused == ({"gloo"} if fallback else set())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_ddp_step_equals_single_process(world, tmp_path):

@@ -14,22 +14,46 @@ from .._registry import impl
 from . import contrastive as ops
 
 
+# one-buffer collectives (torch 2.13 renames them *_single; 2.5-2.12 know only the old names)
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_NO_REDUCE_SCATTER: set = set()  # process-group backends that refused it (gloo before torch 2.6 or so)
+
+
+def _sum_own_slice(grad: torch.Tensor, rows: int, group) -> torch.Tensor:
+    """Sum over ranks of `grad` (world * rows, ...), this rank's rows of it: a reduce-scatter, which
+    moves 1/world of the bytes an all-reduce of the whole gradient would; an all-reduce and a slice
+    where the process group has no reduce-scatter (refused on every rank alike, before any exchange)."""
+    backend = str(dist.get_backend(group))
+    if backend not in _NO_REDUCE_SCATTER:
+        out = grad.new_empty((rows, *grad.shape[1:]))
+        try:
+            _reduce_scatter_into(out, grad, op=dist.ReduceOp.SUM, group=group)
+            return out
+        except (RuntimeError, NotImplementedError) as e:
+            if "support" not in str(e).lower():
+                raise
+            _NO_REDUCE_SCATTER.add(backend)
+    grad = grad.clone()  # all_reduce works in place: autograd's gradient is not ours to write
+    dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group)
+    rank = dist.get_rank(group)
+    return grad[rank * rows : (rank + 1) * rows]
+
+
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0; backward sums every rank's gradient for this rank's slice."""
+    """all_gather along dim 0 into one buffer; backward sums every rank's gradient for this rank's
+    slice (a reduce-scatter)."""
 
     @staticmethod
     def forward(ctx, x, group):
         ctx.group, ctx.rows = group, x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
+        out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+        _all_gather_into(out, x.contiguous(), group=group)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        rank = dist.get_rank(ctx.group)
-        return grad[rank * ctx.rows : (rank + 1) * ctx.rows], None
+        return _sum_own_slice(grad.contiguous(), ctx.rows, ctx.group), None
 
 
 def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
