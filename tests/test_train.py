@@ -91,6 +91,49 @@ def test_bad_config_api_and_file(tmp_path):
         make_config({"batch_size": True})
 
 
+def test_config_file_syntax_errors_and_objective_specific_checks(tmp_path):
+    (tmp_path / "bad.yaml").write_text(": : :\n")
+    with pytest.raises(ConfigError, match="^config: .*bad.yaml' is not valid YAML"):
+        make_config(file=str(tmp_path / "bad.yaml"))
+    (tmp_path / "bad.json").write_text("{batch_size: 2")
+    with pytest.raises(ConfigError, match="^config: .*bad.json' is not valid JSON"):
+        make_config(file=str(tmp_path / "bad.json"))
+    # one value per patch has no per-patch std: refused up front, not at the first step
+    tiny_patch = {"tubelet": 1, "channels": 1, "patch_size": 1, "curriculum": "4x2x5", "mask_ratio": 0.5}
+    with pytest.raises(ConfigError, match="^norm_pix: .* = 1; use --no-norm-pix"):
+        make_config(tiny_patch)
+    assert make_config({**tiny_patch, "norm_pix": False}).patch_size == 1
+    # only the masked objective has a decoder: its width is checked there alone
+    for objective in ("contrastive", "next-frame"):
+        assert make_config({"objective": objective, "embed_dim": 48, "num_heads": 3}).decoder_dim == 32
+    with pytest.raises(ConfigError, match="^decoder_dim: expected a multiple of num_heads=3"):
+        make_config({"objective": "masked", "embed_dim": 48, "num_heads": 3})
+
+
+def test_run_setup_errors_name_the_problem(tmp_path):
+    """Caught when the trainer is built, before any step: each a ConfigError / CheckpointError naming it."""
+    with pytest.raises(ConfigError, match="^loss_backend: 'cuda' cannot run the losses on cpu"):
+        Trainer(config(tmp_path / "a", loss_backend="cuda"))
+    with pytest.raises(ConfigError, match="^batch_size: the contrastive objective needs other clips"):
+        Trainer(config(tmp_path / "b", objective="contrastive", batch_size=1))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="^out_dir: cannot create folder"):
+        Trainer(config(tmp_path / "file"))
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        Trainer(config(tmp_path / "c", data=str(tmp_path / "file")))
+    # a fresh run over another run's checkpoints would mix files (and rotate the new ones out first)
+    train(tmp_path / "d", curriculum=[Stage(16, 4, 2)], ckpt_every=1)
+    with pytest.raises(ConfigError, match="^out_dir: .* holds checkpoints of an earlier run .*--resume auto"):
+        Trainer(config(tmp_path / "d", curriculum=[Stage(16, 4, 2)]))
+    # --resume with a folder: its latest checkpoint; with a file that is not a run's checkpoint: refused
+    assert Trainer(config(tmp_path / "e", curriculum=[Stage(16, 4, 2)], resume=str(tmp_path / "d"))).step == 2
+    with pytest.raises(ckpt_io.CheckpointError, match="folder .* holds no checkpoint"):
+        Trainer(config(tmp_path / "f", resume=str(tmp_path / "c")))
+    torch.save(build_objective(config(tmp_path)).state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(ckpt_io.CheckpointError, match="not a checkpoint written by wmkernels-train .*bare model"):
+        Trainer(config(tmp_path / "g", resume=str(tmp_path / "weights.pt")))
+
+
 def test_help_documents_every_option():
     text = build_parser().format_help()
     for flag in ("--objective", "--precision", "--grad-checkpointing", "--compile", "--resume", "--curriculum",
@@ -154,6 +197,24 @@ def test_npy_folder_skips_bad_clips(tmp_path, caplog):
     assert len(train_set) + len(held) == 4
     _, out = train(tmp_path / "run", data=str(tmp_path), curriculum=[Stage(16, 4, 2)], batch_size=1, frame_stride=2)
     assert out["step"] == 2 and np.isfinite(out["eval"]["loss"])
+
+
+def test_clips_too_short_for_a_later_stage_fail_at_the_start(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        np.save(tmp_path / f"clip{i:02d}.npy", rng.integers(0, 255, (6, 16, 16, 3), dtype=np.uint8))
+    curriculum = [Stage(16, 4, 2), Stage(16, 8, 2)]  # 6 frames feed the first stage, not the second
+    with pytest.raises(DataError, match=r"^data: curriculum stage 2 \(16x8x2\) needs clips of 8 frames .*: 0 of"):
+        Trainer(config(tmp_path / "run", data=str(tmp_path), curriculum=curriculum))
+    with pytest.raises(DataError, match="stage 1 .* needs clips of 7 frames .*frame_stride 2"):
+        Trainer(config(tmp_path / "run", data=str(tmp_path), curriculum=curriculum[:1], frame_stride=2))
+    assert Trainer(config(tmp_path / "run", data=str(tmp_path), curriculum=curriculum[:1])).step == 0
+
+
+def test_clips_of_other_channels_name_the_clip(tmp_path):
+    np.save(tmp_path / "clip.npy", np.zeros((4, 16, 16, 3), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"cannot turn 3-channel frames into channels=2 \(.*clip.npy\)"):
+        ClipFolder([str(tmp_path / "clip.npy")], 4, 16, channels=2)[0]
 
 
 def test_folder_evaluation_bounded_by_eval_batches(tmp_path):
@@ -307,6 +368,27 @@ def test_resume_between_logs_same_metrics(tmp_path):
         run_nan(tmp_path / "nan", max_nonfinite=3, ckpt_every=2, resume=str(tmp_path / "nan" / "ckpt_00000002.pt"))
 
 
+def test_all_nonfinite_window_logs_nan_not_zero(tmp_path):
+    with pytest.raises(TrainingStopped):
+        run_nan(tmp_path, max_nonfinite=5, log_every=2)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [2, 4] and all(np.isnan(r["loss"]) for r in rows)
+
+
+def test_metrics_of_a_resumed_run_hold_each_step_once(tmp_path):
+    """The interrupted run logged steps past its last checkpoint: the resumed run logs them again, once."""
+    common = dict(curriculum=[Stage(16, 4, 6)], log_every=1, ckpt_every=2)
+    train(tmp_path, **common)
+    ckpt_io.CheckpointManager(str(tmp_path)).save(ckpt_io.load(str(tmp_path / "ckpt_00000004.pt")), 4)  # "killed" at 5
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "split": "tr')  # and torn mid-line
+    train(tmp_path, resume="auto", **common)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    _, out = train(tmp_path / "fresh", **common)
+    assert len(open(tmp_path / "fresh" / "metrics.jsonl").readlines()) == len(out["history"]) + 1  # + final eval
+
+
 def run_nan(out_dir, **overrides):
     trainer = Trainer(config(out_dir, **overrides))
     forward = trainer.runner.forward
@@ -375,6 +457,9 @@ def test_main_writes_checkpoint_metrics_and_sample(tmp_path, caplog):
     assert main([*argv, "--resume", "auto"]) == 0  # nothing left to train: evaluates and saves again
     assert "done: 6 steps; held-out loss" in caplog.text
     assert main(["--out-dir", str(tmp_path / "x"), "--data", str(tmp_path / "missing")]) == 2
+    assert main(argv) == 2  # a fresh run over this run's checkpoints
+    if not torch.cuda.is_available():
+        assert main(["--out-dir", str(tmp_path / "y"), "--device", "cuda"]) == 2
 
 
 def test_wandb_missing_is_a_clear_message(tmp_path, caplog, monkeypatch):

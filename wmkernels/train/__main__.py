@@ -6,7 +6,7 @@ import os
 import sys
 
 from .checkpoint import CheckpointError
-from .config import parse_args
+from .config import ConfigError, parse_args
 from .data import DataError
 from .loop import Trainer, TrainingStopped
 
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"[rank {rank}] %(levelname)s %(message)s" if "WORLD_SIZE" in os.environ else "%(message)s")
     try:
         summary = Trainer(cfg).run()
-    except (DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         log.error("%s", e)
         return 2
     except TrainingStopped as e:

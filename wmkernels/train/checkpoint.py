@@ -70,6 +70,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# what a resume reads (Trainer.state writes these and more)
+REQUIRED_KEYS = frozenset({"model", "optimizer", "scaler", "step", "stage", "data", "counters", "rng", "config",
+                           "model_config", "world_size"})
+
+
 class CheckpointManager:
     """`ckpt_<step>.pt` files in `out_dir`, the last `keep_last` kept, `latest` naming the newest."""
 
@@ -119,6 +124,14 @@ def load(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"resume: cannot read checkpoint {path!r}: {e}") from e
+
+
+def check_run_state(state, path: str) -> None:
+    """`state` is what Trainer.state() saved (a bare model state_dict, say, cannot resume a run)."""
+    missing = sorted(REQUIRED_KEYS - set(state)) if isinstance(state, dict) else ["(not a mapping)"]
+    if missing:
+        raise CheckpointError(f"resume: {path!r} is not a checkpoint written by wmkernels-train (missing: "
+                              f"{', '.join(missing)}); a bare model state_dict cannot resume a run")
 
 
 def changed_options(saved: dict, current: dict, ignore: tuple[str, ...]) -> list[str]:

@@ -89,7 +89,9 @@ class TrainConfig:
     weight_decay: float = field(default=0.05, metadata={"doc": "AdamW weight decay (not on biases, norms, embeddings, tokens)"})
     warmup_steps: int = field(default=1000, metadata={"doc": "linear warmup iterations, then cosine decay"})
     grad_clip: float = field(default=1.0, metadata={"doc": "max global gradient norm (0: no clipping)"})
-    grad_accum: int = field(default=1, metadata={"doc": "micro-steps per optimizer step"})
+    grad_accum: int = field(default=1, metadata={"doc": "micro-steps per optimizer step (the contrastive "
+                                                 "objective's negatives are those of one micro-batch, gathered "
+                                                 "over the processes)"})
     precision: str = field(default="fp32", metadata={"doc": "fp32, bf16 (autocast) or fp16 (autocast + GradScaler)"})
     grad_checkpointing: bool = field(default=False, metadata={"doc": "recompute each block in backward"})
     compile: bool = field(default=False, metadata={"doc": "run the model under torch.compile"})
@@ -221,13 +223,19 @@ def load_file(path: str) -> dict:
     with open(path) as f:
         text = f.read()
     if path.endswith(".json"):
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config: {path!r} is not valid JSON: {e}") from e
     else:
         try:
             import yaml
         except ImportError as e:
             raise ConfigError("config: reading YAML needs PyYAML (pip install pyyaml), or use a .json file") from e
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: {path!r} is not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path!r} must hold a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}
@@ -283,7 +291,12 @@ def validate(cfg: TrainConfig) -> None:
     need(math.isfinite(cfg.mlp_ratio) and int(width * cfg.mlp_ratio) >= 1, "mlp_ratio",
          f"a number that leaves an MLP hidden width >= 1 at width {width}")
     need(cfg.embed_dim % cfg.num_heads == 0, "embed_dim", f"a multiple of num_heads={cfg.num_heads}")
-    need(cfg.decoder_dim % cfg.num_heads == 0, "decoder_dim", f"a multiple of num_heads={cfg.num_heads}")
+    if cfg.objective == "masked":  # the only objective with a decoder
+        need(cfg.decoder_dim % cfg.num_heads == 0, "decoder_dim", f"a multiple of num_heads={cfg.num_heads}")
+        patch_values = cfg.tubelet * cfg.patch_size ** 2 * cfg.channels
+        if cfg.norm_pix and patch_values < 2:
+            raise ConfigError(f"norm_pix: per-patch normalized targets need at least 2 values per patch, got "
+                              f"tubelet x patch_size^2 x channels = {patch_values}; use --no-norm-pix or larger patches")
     if cfg.objective == "reconstruction":
         need(cfg.patch_size & (cfg.patch_size - 1) == 0, "patch_size", "a power of two for the conv autoencoder")
     need(len(cfg.curriculum) > 0, "curriculum", "at least one stage")
@@ -321,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Values come from the built-in defaults, then --preset (tiny, small, base), then --config, "
         "then these options. A step with a non-finite loss (or gradient, outside fp16) is skipped and "
         "counted; after --max-nonfinite in a row the run saves a checkpoint and stops (exit code 3). "
-        "Bad data paths or checkpoints exit with code 2.",
+        "Bad options, data paths or checkpoints exit with code 2 and a message naming what is wrong.",
     )
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (applied after the preset)")
     for f in dataclasses.fields(TrainConfig):

@@ -144,7 +144,8 @@ def _read_clip(path: str, start: int, count: int, stride: int) -> np.ndarray:
 def list_clips(root: str) -> list[str]:
     """Clip files of a folder (recursively, sorted); a clear error when there are none."""
     if not os.path.isdir(root):
-        raise DataError(f"data: folder {root!r} does not exist (use --data synthetic or a folder of .mp4/.npy clips)")
+        what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise DataError(f"data: {root!r} {what} (use --data synthetic or a folder of .mp4/.npy clips)")
     files = sorted(
         os.path.join(d, f) for d, _, names in os.walk(root) for f in names if f.lower().endswith(CLIP_SUFFIXES)
     )
@@ -191,6 +192,8 @@ class ClipFolder(Dataset):
                 array = _read_clip(self.files[i], start, self.frames, self.stride)
                 if len(array) == self.frames:
                     return _fit(_to_frames(array), self.resolution, self.channels), index
+            except DataError as e:  # the options cannot fit this clip (channels): every clip would fail alike
+                raise DataError(f"{e} ({self.files[i]})") from None
             except (OSError, ValueError, RuntimeError) as e:
                 log.warning("data: cannot read %s (%s); using the next clip", self.files[i], e)
         raise DataError("data: no clip of the folder could be read")
@@ -228,6 +231,23 @@ class DataSource:
             files = list_clips(cfg.data)
             self.lengths = probe_lengths(files)
             self.train_files, self.eval_files = split_files(files, cfg.eval_fraction)
+
+    def check_stages(self, stages, world: int) -> None:
+        """Every curriculum stage can be fed: its training clips long enough for its frames fill a batch of
+        every process, and a held-out clip is long enough too (checked at the start, not when the stage begins)."""
+        cfg = self.cfg
+        if cfg.data == "synthetic":
+            return
+        for i, stage in enumerate(stages):
+            need = (stage.frames - 1) * cfg.frame_stride + 1
+            usable = [sum(self.lengths.get(f, -1) >= need for f in files) for files in (self.train_files, self.eval_files)]
+            where = (f"data: curriculum stage {i + 1} ({stage}) needs clips of {need} frames "
+                     f"({stage.frames} frames, frame_stride {cfg.frame_stride})")
+            if usable[0] < cfg.batch_size * world:
+                raise DataError(f"{where}: {usable[0]} of {len(self.train_files)} training clips are that long, "
+                                f"fewer than one batch of {cfg.batch_size} x {world} processes")
+            if not usable[1]:
+                raise DataError(f"{where}: none of the {len(self.eval_files)} held-out clips is that long")
 
     def datasets(self, frames: int, resolution: int) -> tuple[Dataset, Dataset]:
         cfg = self.cfg

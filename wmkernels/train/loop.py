@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt_io
-from .config import RESUME_FREE_KEYS, TrainConfig
+from .config import RESUME_FREE_KEYS, ConfigError, TrainConfig
 from .data import DataSource, DataStream
 from .models import set_grad_checkpointing
 from .monitor import Monitor, peak_memory_mb
@@ -44,13 +44,44 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, int, torch.device]:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("device: expected a CUDA device for device='cuda', but torch sees none")
+        raise ConfigError("device: expected a CUDA device for device='cuda', but torch sees none")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return rank, local_rank, world, device
+
+
+def check_loss_backend(cfg: TrainConfig, device: torch.device, world: int) -> None:
+    """The chosen loss backend runs on `device`, and the contrastive objective has negatives to score."""
+    if cfg.loss_backend != "auto":
+        import wmkernels
+
+        status = wmkernels.available_backends()[cfg.loss_backend]
+        if not status.available or not ({device.type, "any"} & set(status.devices)):
+            why = status.reason if not status.available else f"it runs on {', '.join(status.devices)} tensors"
+            raise ConfigError(f"loss_backend: {cfg.loss_backend!r} cannot run the losses on {device.type} here ({why}); "
+                              "use --loss-backend auto")
+    if cfg.objective == "contrastive" and cfg.batch_size * world < 2:
+        raise ConfigError("batch_size: the contrastive objective needs other clips as negatives: batch_size 1 in one "
+                          "process scores each clip against itself only (a loss of 0); use batch_size >= 2")
+
+
+def prepare_out_dir(cfg: TrainConfig, ckpt: ckpt_io.CheckpointManager) -> None:
+    """Create OUT_DIR; refuse to start a fresh run over the checkpoints of another one, whose files would
+    mix with this run's (and `keep_last` would then delete this run's older ones first)."""
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"out_dir: cannot create folder {cfg.out_dir!r}: {e.strerror or e}") from e
+    if not os.access(cfg.out_dir, os.W_OK):
+        raise ConfigError(f"out_dir: folder {cfg.out_dir!r} is not writable")
+    found = ckpt.checkpoints()
+    if found and not cfg.resume:
+        raise ConfigError(f"out_dir: {cfg.out_dir!r} holds checkpoints of an earlier run ({os.path.basename(found[-1])}"
+                          f"{' and more' if len(found) > 1 else ''}): continue it with --resume auto, or choose "
+                          "another --out-dir")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -82,12 +113,19 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.rank, self.local_rank, self.world, self.device = setup_distributed(cfg)
+        check_loss_backend(cfg, self.device, self.world)
+        self.ckpt = ckpt_io.CheckpointManager(cfg.out_dir, cfg.keep_last)
+        if self.rank == 0:
+            prepare_out_dir(cfg, self.ckpt)
+        self.stages = cfg.stages()
+        # real clips are probed now: a stage whose clips are too short fails here, not hours in
+        self.source = DataSource(cfg)
+        self.source.check_stages(self.stages, self.world)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.stages = cfg.stages()
         self.total_steps = sum(s.steps for s in self.stages)
         self.objective = build_objective(cfg).to(self.device)
         set_grad_checkpointing(self.objective, cfg.grad_checkpointing)
@@ -96,7 +134,6 @@ class Trainer:
                                            betas=(cfg.beta1, cfg.beta2))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.amp_dtype = AMP_DTYPES[cfg.precision]
-        self.ckpt = ckpt_io.CheckpointManager(cfg.out_dir, cfg.keep_last)
         self.step, self.data_pos = 0, None
         self.counters = {"nonfinite_skipped": 0, "scaler_skipped": 0}
         self.consecutive_bad = 0
@@ -114,7 +151,6 @@ class Trainer:
         self.runner = self.objective if self.ddp is None else self.ddp
         if cfg.compile:
             self.runner = torch.compile(self.runner)
-        self.source = DataSource(cfg)
         self.monitor = Monitor(cfg, self.rank == 0, self.total_steps, self.step)
 
     # ---- checkpoints ----
@@ -144,11 +180,15 @@ class Trainer:
         cfg = self.cfg
         if not cfg.resume:
             return
-        path = self.ckpt.latest() if cfg.resume == "auto" else cfg.resume
+        folder = cfg.out_dir if cfg.resume == "auto" else cfg.resume if os.path.isdir(cfg.resume) else None
+        path = ckpt_io.CheckpointManager(folder).latest() if folder is not None else cfg.resume
         if path is None:
+            if cfg.resume != "auto":
+                raise ckpt_io.CheckpointError(f"resume: folder {folder!r} holds no checkpoint (ckpt_*.pt)")
             log.info("resume: no checkpoint in %s yet; starting from scratch", cfg.out_dir)
             return
         state = ckpt_io.load(path)
+        ckpt_io.check_run_state(state, path)
         ckpt_io.check_model_config(state["model_config"], cfg.model_config(), path)
         changed = ckpt_io.changed_options(state["config"], cfg.to_dict(), RESUME_FREE_KEYS)
         if changed:
@@ -314,7 +354,8 @@ class Trainer:
     def _log(self, out: dict, window: dict, samples_per_step: int) -> None:
         stage = self.stages[self.stage_index]
         metrics = {
-            "loss": window["loss"] / max(1, window["n"]),
+            # NaN when every step of the window was non-finite (skipped), never a perfect-looking 0
+            "loss": window["loss"] / window["n"] if window["n"] else float("nan"),
             "lr": out["lr"],
             "grad_norm": out["grad_norm"],
             "samples_per_s": samples_per_step * self.cfg.log_every / max(window["time"], 1e-9),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 
 import numpy as np
@@ -72,6 +73,27 @@ def save_gif(frames: np.ndarray, path: str, fps: int = 4) -> bool:
     return True
 
 
+def _open_metrics(path: str, start_step: int):
+    """metrics.jsonl for appending: a fresh run starts it anew; a resumed one keeps the rows up to its
+    checkpoint's step and drops those logged after it by the interrupted run (they are logged again)."""
+    if start_step == 0 or not os.path.isfile(path):
+        return open(path, "w")
+    with open(path) as f:
+        kept = [line for line in f if _row_step(line) <= start_step]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    return open(path, "a")
+
+
+def _row_step(line: str) -> float:
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a torn last line of a killed run: dropped
+
+
 class Monitor:
     """Everything a run reports; a no-op on ranks other than 0."""
 
@@ -83,7 +105,7 @@ class Monitor:
             return
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.samples_dir = os.path.join(cfg.out_dir, "samples")
-        self.jsonl = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+        self.jsonl = _open_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step)
         if cfg.progress:
             try:
                 from tqdm.auto import tqdm
