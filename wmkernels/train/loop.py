@@ -68,15 +68,17 @@ def check_loss_backend(cfg: TrainConfig, device: torch.device, world: int) -> No
                           "process scores each clip against itself only (a loss of 0); use batch_size >= 2")
 
 
-def prepare_out_dir(cfg: TrainConfig, ckpt: ckpt_io.CheckpointManager) -> None:
-    """Create OUT_DIR; refuse to start a fresh run over the checkpoints of another one, whose files would
-    mix with this run's (and `keep_last` would then delete this run's older ones first)."""
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"out_dir: cannot create folder {cfg.out_dir!r}: {e.strerror or e}") from e
-    if not os.access(cfg.out_dir, os.W_OK):
-        raise ConfigError(f"out_dir: folder {cfg.out_dir!r} is not writable")
+def prepare_out_dir(cfg: TrainConfig, ckpt: ckpt_io.CheckpointManager, create: bool) -> None:
+    """Create OUT_DIR (`create`: the writing rank); on every rank, refuse to start a fresh run over the
+    checkpoints of another one, whose files would mix with this run's (and `keep_last` would then
+    delete this run's older ones first)."""
+    if create:
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"out_dir: cannot create folder {cfg.out_dir!r}: {e.strerror or e}") from e
+        if not os.access(cfg.out_dir, os.W_OK):
+            raise ConfigError(f"out_dir: folder {cfg.out_dir!r} is not writable")
     found = ckpt.checkpoints()
     if found and not cfg.resume:
         raise ConfigError(f"out_dir: {cfg.out_dir!r} holds checkpoints of an earlier run ({os.path.basename(found[-1])}"
@@ -115,8 +117,7 @@ class Trainer:
         self.rank, self.local_rank, self.world, self.device = setup_distributed(cfg)
         check_loss_backend(cfg, self.device, self.world)
         self.ckpt = ckpt_io.CheckpointManager(cfg.out_dir, cfg.keep_last)
-        if self.rank == 0:
-            prepare_out_dir(cfg, self.ckpt)
+        prepare_out_dir(cfg, self.ckpt, create=self.rank == 0)
         self.stages = cfg.stages()
         # real clips are probed now: a stage whose clips are too short fails here, not hours in
         self.source = DataSource(cfg)
