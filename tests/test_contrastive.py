@@ -136,6 +136,24 @@ def test_temperature_tensor_gets_gradient(backend):
     assert_close(plain.cpu(), reference(z1, z2, 10.0), torch.float64)
 
 
+@pytest.mark.parametrize("t_dtype", [torch.bfloat16, torch.float32])
+def test_low_precision_temperature_divides_in_the_accumulation_dtype(backend, t_dtype):
+    """The multiplier is 1 / T with T's value as given, taken in the embeddings' accumulation dtype (fp64
+    here); 1 / T in a bf16 T's own dtype was 0.15% off, in fp32 3e-8 (above fp64 tolerance)."""
+    g = torch.Generator().manual_seed(4)
+    z1, z2 = torch.randn(16, 8, generator=g, dtype=torch.float64), torch.randn(16, 8, generator=g, dtype=torch.float64)
+    dev = device_for(backend)
+    t = torch.tensor(0.07, dtype=t_dtype, device=dev, requires_grad=True)
+    loss = wmkernels.contrastive_loss(z1.to(dev), z2.to(dev), temperature=t, backend=backend)
+    t_ref = t.detach().cpu().double().requires_grad_()
+    want = reference(z1, z2, 1.0 / t_ref)
+    assert_close(loss.cpu(), want, torch.float64)
+    (gt,) = torch.autograd.grad(loss, t)
+    (rt,) = torch.autograd.grad(want, t_ref)
+    assert gt.dtype == t_dtype
+    assert_close(gt.cpu().double(), rt.to(t_dtype).double(), t_dtype)
+
+
 def test_logit_scale_wins_over_temperature(backend):
     z1, z2 = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
     dev = device_for(backend)  # the reference runs on CPU
@@ -421,6 +439,36 @@ def _gather_grad_worker(rank, world, port, out_path):
         got.append((gathered.detach(), x.grad, torch.equal(grad_in, weight), set(cd._NO_REDUCE_SCATTER)))
     torch.save(got, f"{out_path}.{rank}")
     dist.destroy_process_group()
+
+
+def _one_process_worker(rank, world, port, out_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(5)
+    z1, z2 = torch.randn(6, 8, generator=g, dtype=torch.float64), torch.randn(6, 8, generator=g, dtype=torch.float64)
+    labels = torch.tensor([2, 0, 1, 5, 3, 4], dtype=torch.int16)
+    got = {}
+    for mode in ("gather", "ring", None):
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        loss = wmkernels.contrastive_loss(a, b, labels=labels, distributed=mode, backend="torch")
+        loss.backward()
+        got[mode] = (loss.detach(), a.grad, b.grad)
+    torch.save(got, out_path)
+    dist.destroy_process_group()
+
+
+def test_distributed_with_one_process_and_int16_labels(tmp_path):
+    """torchrun --nproc_per_node 1: the ring's backward once sent to itself (gloo: pair not connected);
+    int16 labels (a documented label dtype) once reached the all-gather, which has no such type."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "one.pt")
+    mp.spawn(_one_process_worker, args=(1, _free_port(), out), nprocs=1, join=True)
+    got = torch.load(out)
+    for mode in ("gather", "ring"):
+        for a, b in zip(got[mode], got[None]):
+            assert_close(a, b, torch.float64)
 
 
 def test_gather_with_grad_sums_each_ranks_slice(tmp_path):

@@ -392,8 +392,8 @@ def test_channels_last_3d_model_output_views(be):
 # ------------------------------------------------------------------------------------- (6) torch.func
 
 
-@pytest.mark.parametrize("name", ["mse", "masked_bool"])
-def test_vmap_over_the_loss(name, be):
+@pytest.mark.parametrize("name", ["mse", "masked_bool", "contrastive"])  # contrastive: its sweep op once returned
+def test_vmap_over_the_loss(name, be):  # a Tensor[], which torch's per-sample fallback cannot batch
     data, wk, ref = LOSSES[name]
     _, y, i = data(2)
     xs = torch.randn(3, *data(2)[0].shape, dtype=F64)

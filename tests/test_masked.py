@@ -7,6 +7,7 @@ import itertools
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from einops import rearrange
@@ -435,6 +436,42 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="pos_embed"):
         wmkernels.unshuffle_with_mask_tokens(vis, torch.zeros(4), torch.zeros(2, 4, dtype=torch.int64),
                                              torch.zeros(1, 5, 4))
+
+
+def test_bad_argument_types_name_the_argument():
+    """Arguments of the wrong kind: an error naming the argument, not one from deep inside."""
+    video = make_video(2, 3, (4, 16, 16), "BCTHW", torch.float32)
+    ids = torch.zeros(2, 3, dtype=torch.int64)
+    pred = torch.randn(2, 3, 2 * 8 * 8 * 3)
+    with pytest.raises(ValueError, match=r"^tubelet: expected three positive ints \(t, h, w\), got 2"):
+        wmkernels.gather_patches(video, ids, 2)
+    with pytest.raises(ValueError, match="^tubelet: expected three positive ints"):
+        wmkernels.nn.MaskedMSELoss(tubelet=2)
+    with pytest.raises(TypeError, match="^mean: expected 3 per-channel numbers .*'imagenet'"):
+        wmkernels.gather_patches(video, ids, (2, 8, 8), mean="imagenet")
+    with pytest.raises(TypeError, match="^dtype: expected a torch.dtype .*'float32'"):
+        wmkernels.gather_patches(video, ids, (2, 8, 8), dtype="float32")
+    for eps in (float("nan"), float("inf"), True, -1.0, "1e-6"):
+        with pytest.raises(ValueError, match="^eps: expected a finite number >= 0"):
+            wmkernels.masked_mse_loss(pred, video, ids, (2, 8, 8), eps=eps)
+    # NumPy scalars, as configs and arrays hand them over, are numbers like any other
+    tub = tuple(np.int64(s) for s in (2, 8, 8))
+    want = wmkernels.masked_mse_loss(pred, video, ids, (2, 8, 8), eps=1e-6)
+    assert torch.equal(wmkernels.masked_mse_loss(pred, video, ids, tub, eps=np.float32(1e-6)), want)
+    assert masking.grid_size(video.shape, tub) == (2, 2, 2)
+    assert torch.equal(wmkernels.gather_patches(video, ids, tub), wmkernels.gather_patches(video, ids, (2, 8, 8)))
+
+
+def test_from_mask_checks_the_count_per_row():
+    mask = torch.tensor([[True, False, True, False], [True, True, True, False]])
+    with pytest.raises(ValueError, match=r"^mask: expected 2 True entries in every row \(num_masked\), row 1 has 3"):
+        masking.from_mask(mask, 2)
+    with pytest.raises(ValueError, match=r"^num_masked: expected an int in \[0, 4\]"):
+        masking.from_mask(mask, 5)
+    with pytest.raises(ValueError, match="^mask: expected a \\(B, N\\) bool tensor"):
+        masking.from_mask(mask.long(), 2)
+    m = masking.from_mask(mask[:1], 2)
+    assert m.ids_keep.tolist() == [[1, 3]] and m.ids_masked.tolist() == [[0, 2]]
 
 
 @pytest.mark.parametrize("backend", FULL_BACKENDS)

@@ -178,6 +178,26 @@ def test_mixed_dtypes(backend, xd, yd, grads):
 
 
 @pytest.mark.parametrize("backend_name", FULL_BACKENDS + (["triton"] if TRITON_AVAILABLE else []))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_float64_weight_accumulates_in_float64(backend_name, reduction):
+    """fp32 input and target with an fp64 weight: the loss is fp64 by type promotion, and was once only
+    fp32-accurate (the weight rounded to the inputs' fp32 accumulation)."""
+    dev = device_for(backend_name)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 40, generator=g).to(dev).requires_grad_(True)
+    y = torch.randn(4, 3, 40, generator=g).to(dev)
+    w = (torch.rand(4, 1, 40, generator=g, dtype=torch.float64) + 0.1).to(dev).requires_grad_(True)
+    out = wmkernels.mse_loss(x, y, reduction=reduction, weight=w, backend=backend_name)
+    want = ref_mse(x, y, w, reduction)
+    assert out.dtype == torch.float64
+    assert_close(out, want, torch.float64)
+    got_x, got_w = torch.autograd.grad(out, (x, w))
+    want_x, want_w = torch.autograd.grad(want, (x, w))
+    assert_close(got_x, want_x, torch.float32)
+    assert_close(got_w, want_w, torch.float64, scale=x.numel())
+
+
+@pytest.mark.parametrize("backend_name", FULL_BACKENDS + (["triton"] if TRITON_AVAILABLE else []))
 def test_gradcheck_float64(backend_name):
     dev = device_for(backend_name)
     x = torch.randn(3, 4, 5, dtype=torch.float64).to(dev).requires_grad_(True)

@@ -62,10 +62,17 @@ def check_video_layout(layout) -> None:
         raise ValueError(f"layout: expected one of {VIDEO_LAYOUTS}, got {layout!r}")
 
 
-def check_tubelet(tubelet) -> None:
-    ok = isinstance(tubelet, (tuple, list)) and len(tubelet) == 3
-    if not ok or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in tubelet):
+def check_tubelet(tubelet) -> tuple[int, int, int]:
+    """`tubelet` as a tuple of three Python ints (NumPy's accepted: sizes from configs and arrays)."""
+    ok = isinstance(tubelet, (tuple, list, torch.Size)) and len(tubelet) == 3
+    if not ok or not all(is_int(s) and s >= 1 for s in tubelet):
         raise ValueError(f"tubelet: expected three positive ints (t, h, w), got {tubelet!r}")
+    return tuple(int(s) for s in tubelet)
+
+
+def check_dtype(name: str, dtype) -> None:
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name}: expected a torch.dtype (e.g. torch.float32), got {dtype!r}")
 
 
 def check_divisible(name: str, sizes, tubelet) -> None:

@@ -41,7 +41,7 @@ class Masks:
 
 def grid_size(video_shape, tubelet, layout: str = "BCTHW") -> tuple[int, int, int]:
     """The token grid (T', H', W') of a video of `video_shape` cut into `tubelet` = (t, h, w) patches."""
-    _validation.check_tubelet(tubelet)
+    tubelet = _validation.check_tubelet(tubelet)
     _validation.check_video_layout(layout)
     if len(video_shape) != 5:
         raise ValueError(f"video_shape: expected 5 dims ({layout}), got {tuple(video_shape)}")
@@ -88,6 +88,24 @@ def _device(device, generator: torch.Generator | None) -> torch.device:
 
 def from_mask(mask: torch.Tensor, num_masked: int) -> Masks:
     """`Masks` of a (B, N) bool mask whose every row has exactly `num_masked` True entries."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(f"mask: expected a (B, N) bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)} "
+                         f"of shape {tuple(getattr(mask, 'shape', ()))}")
+    if not _validation.is_int(num_masked) or not 0 <= num_masked <= mask.shape[1]:
+        raise ValueError(f"num_masked: expected an int in [0, {mask.shape[1]}] (N), got {num_masked!r}")
+    # a row with another count would give ids_keep holding masked tokens: checked on CPU, asserted on GPU
+    msg = f"mask: expected {num_masked} True entries in every row (num_masked)"
+    if _validation.values_ok(mask) and mask.numel():
+        counts = mask.sum(1)
+        if (counts != num_masked).any():
+            row = int((counts != num_masked).nonzero()[0])
+            raise ValueError(f"{msg}, row {row} has {int(counts[row])}")
+    _validation.device_check(mask, lambda: (mask.sum(1) == num_masked).all(), msg)
+    return _masks_of(mask, int(num_masked))
+
+
+def _masks_of(mask: torch.Tensor, num_masked: int) -> Masks:
+    """`from_mask` without the checks, for the masks built here (exactly `num_masked` per row)."""
     n_keep = mask.shape[1] - num_masked
     # a stable sort of the 0/1 mask lists the visible tokens, then the masked ones, each ascending
     ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
@@ -113,7 +131,7 @@ def random(batch_size: int, grid, ratio: float, *, device=None, generator: torch
     n = math.prod(grid)
     k = n - int(n * (1 - ratio))
     noise = _rand(batch_size, n, device=device, generator=generator)
-    return from_mask(_top_k_mask(noise, k), k)
+    return _masks_of(_top_k_mask(noise, k), k)
 
 
 def tube(batch_size: int, grid, ratio: float, *, device=None, generator: torch.Generator | None = None) -> Masks:
@@ -125,7 +143,7 @@ def tube(batch_size: int, grid, ratio: float, *, device=None, generator: torch.G
     k = int(ratio * h * w)
     noise = _rand(batch_size, h * w, device=device, generator=generator)
     spatial = _top_k_mask(noise, k)
-    return from_mask(spatial[:, None, :].expand(batch_size, t, h * w).reshape(batch_size, t * h * w), t * k)
+    return _masks_of(spatial[:, None, :].expand(batch_size, t, h * w).reshape(batch_size, t * h * w), t * k)
 
 
 def block(
@@ -178,4 +196,4 @@ def block(
 
     union = (inside(tt, t0, bt) & inside(hh, h0, bh) & inside(ww, w0, bw)).any(dim=1).reshape(batch_size, n)
     noise = _rand(batch_size, n, device=device, generator=generator)
-    return from_mask(_top_k_mask(union.to(noise.dtype) + noise, k), k)
+    return _masks_of(_top_k_mask(union.to(noise.dtype) + noise, k), k)

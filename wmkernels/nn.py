@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from ._validation import is_real
+from ._validation import check_tubelet, is_real
 from .ops.contrastive import contrastive_loss
 from .ops.masked import masked_mse_loss
 from .ops.mse import mse_loss
@@ -85,7 +85,7 @@ class MaskedMSELoss(torch.nn.Module):
     def __init__(self, tubelet=(2, 16, 16), layout: str = "BCTHW", norm_pix: bool = True, norm_mode: str = "mae",
                  eps: float = 1e-6, mean=None, std=None, backend: str | None = None) -> None:
         super().__init__()
-        self.tubelet, self.layout, self.backend = tuple(tubelet), layout, backend
+        self.tubelet, self.layout, self.backend = check_tubelet(tubelet), layout, backend
         self.norm_pix, self.norm_mode, self.eps, self.mean, self.std = norm_pix, norm_mode, eps, mean, std
 
     def forward(self, pred: torch.Tensor, video: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <exception>
 #include <limits>
+#include <tuple>
 
 namespace wmkernels {
 namespace {
@@ -207,7 +208,10 @@ void cols_update(const T* S, int64_t ti, int64_t tj, int64_t ld, int64_t i0, con
   });
 }
 
-std::vector<at::Tensor> contrastive_sweep_fwd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+// Eight tensors in a fixed tuple, not a Tensor[]: torch.func.vmap's per-sample fallback handles the former only.
+using SweepStats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+SweepStats contrastive_sweep_fwd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
                                                   const at::Tensor& labels_row, const at::Tensor& labels_col,
                                                   bool symmetric, int64_t tile) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) && a.is_contiguous() && b.is_contiguous() &&
@@ -247,7 +251,7 @@ std::vector<at::Tensor> contrastive_sweep_fwd_cpu(const at::Tensor& a, const at:
       }
     }
   });
-  return {rm + rs.log(), rm, rarg, rpos, cm + cs.log(), cm, carg, cpos};
+  return SweepStats{rm + rs.log(), rm, rarg, rpos, cm + cs.log(), cm, carg, cpos};
 }
 
 std::tuple<at::Tensor, at::Tensor> contrastive_sweep_bwd_cpu(
@@ -309,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_sweep_bwd_cpu(
 
 TORCH_LIBRARY_FRAGMENT(wmkernels_C, m) {
   m.def("contrastive_sweep_fwd(Tensor a, Tensor b, Tensor scale, Tensor labels_row, Tensor labels_col, "
-        "bool symmetric, int tile) -> Tensor[]");
+        "bool symmetric, int tile) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("contrastive_sweep_bwd(Tensor a, Tensor b, Tensor scale, Tensor lse_row, Tensor lse_col, "
         "Tensor g_row, Tensor g_col, Tensor labels_row, Tensor labels_col, float pos_weight, float smooth_row, "
         "float smooth_col, bool symmetric, int tile) -> (Tensor, Tensor)");

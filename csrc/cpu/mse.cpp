@@ -48,7 +48,9 @@ double mse_dispatch(int mode, const at::Tensor& x, const at::Tensor& y, const at
   std::vector<at::Tensor> ops{x, y, w.defined() ? w : x, gx.defined() ? gx : x, gy.defined() ? gy : y};
   const StridedLayout lay = make_layout(x.sizes(), ops);
   if (lay.numel == 0) return 0.0;
-  const bool wide = x.scalar_type() == at::kDouble || y.scalar_type() == at::kDouble;
+  // the weight is already in the accumulation type (acc_type)
+  const bool wide = x.scalar_type() == at::kDouble || y.scalar_type() == at::kDouble ||
+                    (w.defined() && w.scalar_type() == at::kDouble);
   double out = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mse_x", [&] {
     using x_t = scalar_t;
@@ -66,8 +68,12 @@ double mse_dispatch(int mode, const at::Tensor& x, const at::Tensor& y, const at
   return out;
 }
 
-at::ScalarType acc_type(const at::Tensor& x, const at::Tensor& y) {
-  return (x.scalar_type() == at::kDouble || y.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+// fp64 when any operand is (an fp64 weight too: the result is fp64 by type promotion, and rounding the
+// weight to fp32 would give it fp32 precision)
+at::ScalarType acc_type(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& weight) {
+  const bool wide = x.scalar_type() == at::kDouble || y.scalar_type() == at::kDouble ||
+                    (weight.has_value() && weight->scalar_type() == at::kDouble);
+  return wide ? at::kDouble : at::kFloat;
 }
 
 // Sum of the weight broadcast to x (never materialized), or the element count.
@@ -86,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> mse_fwd_cpu(const at::Tensor& x, const at::Te
                                                const c10::optional<at::Tensor>& weight,
                                                c10::string_view reduction, at::ScalarType out_dtype,
                                                bool write_grad) {
-  const auto acc = acc_type(x, y);
+  const auto acc = acc_type(x, y, weight);
   const at::Tensor w = weight_as_acc(weight, acc);
   const bool mean = reduction == "mean";
   const double denom = mean ? denominator(x, weight) : 1.0;
@@ -99,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> mse_fwd_cpu(const at::Tensor& x, const at::Te
 std::tuple<at::Tensor, at::Tensor> mse_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                                const at::Tensor& y, const c10::optional<at::Tensor>& weight,
                                                c10::string_view reduction, bool need_x, bool need_y) {
-  const auto acc = acc_type(x, y);
+  const auto acc = acc_type(x, y, weight);
   const at::Tensor w = weight_as_acc(weight, acc);
   const double denom = reduction == "mean" ? denominator(x, weight) : 1.0;
   const double scale = 2.0 * grad_out.item<double>() / denom;

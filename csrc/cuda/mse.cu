@@ -75,10 +75,10 @@ __global__ void __launch_bounds__(kThreads) mse_bwd_kernel(const x_t* __restrict
   }
 }
 
-// Calls f(x_t{}, y_t{}, acc_t{}) for the element types of xd and yd; acc_t is double when either is fp64.
+// Calls f(x_t{}, y_t{}, acc_t{}) for the element types of xd and yd; acc_t is double when `wide` (the host's
+// choice: any of input, target and weight fp64).
 template <typename F>
-void dispatch_xy(DType xd, DType yd, F&& f) {
-  const bool wide = xd == DType::kFloat64 || yd == DType::kFloat64;
+void dispatch_xy(DType xd, DType yd, bool wide, F&& f) {
   dispatch_float(xd, [&](auto xv) {
     dispatch_float(yd, [&](auto yv) {
       if (wide) f(xv, yv, double{}); else f(xv, yv, float{});
@@ -94,9 +94,9 @@ int64_t mse_fwd_blocks(int64_t n) {
   return b < 1 ? 1 : (b > kMaxBlocks ? kMaxBlocks : b);
 }
 
-void mse_fwd_cuda(DType xd, DType yd, const void* x, const void* y, const void* w, const Strided5& lay, int64_t n,
+void mse_fwd_cuda(DType xd, DType yd, bool wide, const void* x, const void* y, const void* w, const Strided5& lay, int64_t n,
                   void* partial, int64_t blocks, cudaStream_t stream) {
-  dispatch_xy(xd, yd, [&](auto xv, auto yv, auto accv) {
+  dispatch_xy(xd, yd, wide, [&](auto xv, auto yv, auto accv) {
     using x_t = decltype(xv);
     using y_t = decltype(yv);
     using acc_t = decltype(accv);
@@ -112,13 +112,13 @@ void mse_fwd_cuda(DType xd, DType yd, const void* x, const void* y, const void* 
   });
 }
 
-void mse_bwd_cuda(DType xd, DType yd, const void* x, const void* y, const void* w, const void* scale, void* gx,
+void mse_bwd_cuda(DType xd, DType yd, bool wide, const void* x, const void* y, const void* w, const void* scale, void* gx,
                   void* gy, const Strided5& lay, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
   const int64_t per_block = static_cast<int64_t>(kThreads) * kItems;
   int64_t blocks = (n + per_block - 1) / per_block;
   if (blocks > 65535LL * 16) blocks = 65535LL * 16;
-  dispatch_xy(xd, yd, [&](auto xv, auto yv, auto accv) {
+  dispatch_xy(xd, yd, wide, [&](auto xv, auto yv, auto accv) {
     using x_t = decltype(xv);
     using y_t = decltype(yv);
     using acc_t = decltype(accv);

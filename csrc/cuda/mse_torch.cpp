@@ -51,8 +51,12 @@ Strided5 layout5(at::IntArrayRef shape, std::vector<at::Tensor>& ops) {
   return out;
 }
 
-at::ScalarType acc_type(const at::Tensor& x, const at::Tensor& y) {
-  return (x.scalar_type() == at::kDouble || y.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+// fp64 when any operand is (an fp64 weight too: the result is fp64 by type promotion, and rounding the
+// weight to fp32 would give it fp32 precision)
+at::ScalarType acc_type(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& weight) {
+  const bool wide = x.scalar_type() == at::kDouble || y.scalar_type() == at::kDouble ||
+                    (weight.has_value() && weight->scalar_type() == at::kDouble);
+  return wide ? at::kDouble : at::kFloat;
 }
 
 at::Tensor denominator(const at::Tensor& x, const c10::optional<at::Tensor>& weight, at::ScalarType acc) {
@@ -66,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> mse_fwd_cuda_op(const at::Tensor& x, const at
                                                    at::ScalarType out_dtype, bool write_grad) {
   TORCH_CHECK(!write_grad, "wmkernels mse: the CUDA backend recomputes the gradient in backward");
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto acc = acc_type(x, y);
+  const auto acc = acc_type(x, y, weight);
   at::Tensor w = weight.has_value() ? weight->to(acc) : at::Tensor();
   std::vector<at::Tensor> ops{x, y, w.defined() ? w : x};
   const Strided5 lay = layout5(x.sizes(), ops);
@@ -74,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> mse_fwd_cuda_op(const at::Tensor& x, const at
   const int64_t blocks = mse_fwd_blocks(n);
   at::Tensor partial = at::zeros({blocks}, x.options().dtype(acc));
   if (n > 0) {
-    mse_fwd_cuda(to_dtype(x.scalar_type()), to_dtype(y.scalar_type()), ops[0].const_data_ptr(),
+    mse_fwd_cuda(to_dtype(x.scalar_type()), to_dtype(y.scalar_type()), acc == at::kDouble, ops[0].const_data_ptr(),
                  ops[1].const_data_ptr(), w.defined() ? ops[2].const_data_ptr() : nullptr, lay, n,
                  partial.mutable_data_ptr(), blocks, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -88,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> mse_bwd_cuda_op(const at::Tensor& grad_out, c
                                                    const at::Tensor& y, const c10::optional<at::Tensor>& weight,
                                                    c10::string_view reduction, bool need_x, bool need_y) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto acc = acc_type(x, y);
+  const auto acc = acc_type(x, y, weight);
   at::Tensor scale = grad_out.to(acc) * 2.0;
   if (reduction == "mean") scale = scale / denominator(x, weight, acc);
   at::Tensor w = weight.has_value() ? weight->to(acc) : at::Tensor();
@@ -98,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> mse_bwd_cuda_op(const at::Tensor& grad_out, c
   const Strided5 lay = layout5(x.sizes(), ops);
   if (need_x && !ops[3].is_same(gx)) gx = ops[3];  // reallocated contiguous by layout5
   if (need_y && !ops[4].is_same(gy)) gy = ops[4];
-  mse_bwd_cuda(to_dtype(x.scalar_type()), to_dtype(y.scalar_type()), ops[0].const_data_ptr(), ops[1].const_data_ptr(),
+  mse_bwd_cuda(to_dtype(x.scalar_type()), to_dtype(y.scalar_type()), acc == at::kDouble, ops[0].const_data_ptr(), ops[1].const_data_ptr(),
                w.defined() ? ops[2].const_data_ptr() : nullptr, scale.const_data_ptr(),
                need_x ? gx.mutable_data_ptr() : nullptr, need_y ? gy.mutable_data_ptr() : nullptr, lay, x.numel(),
                c10::cuda::getCurrentCUDAStream());

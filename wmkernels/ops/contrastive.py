@@ -146,7 +146,8 @@ def _scale_tensor(temperature, logit_scale, acc: torch.dtype, device: torch.devi
     if logit_scale is not None:
         s = logit_scale if isinstance(logit_scale, torch.Tensor) else torch.tensor(float(logit_scale), dtype=acc)
     elif isinstance(temperature, torch.Tensor):
-        s = 1.0 / temperature
+        # the reciprocal in the accumulation dtype: 1 / T in a bf16 T's own dtype is 0.15% off
+        s = 1.0 / temperature.to(dtype=acc)
     else:
         s = torch.tensor(1.0 / float(temperature), dtype=acc)
     return s.to(device=device, dtype=acc).reshape(())

@@ -64,9 +64,10 @@ def _global_labels(labels, rows: int, world: int, rank: int, device, group) -> t
     """Every rank's labels, concatenated (global column indices), without gradient."""
     if labels is None:
         return torch.arange(rows * world, device=device)
-    parts = [torch.empty_like(labels) for _ in range(world)]
-    dist.all_gather(parts, labels.contiguous(), group=group)
-    return torch.cat(parts).long()
+    labels = labels.long()  # int16 / uint8 labels: gloo and NCCL gather no such type
+    out = labels.new_empty(world * rows)
+    _all_gather_into(out, labels.contiguous(), group=group)
+    return out
 
 
 def _in_block(labels: torch.Tensor, start: int, rows: int) -> torch.Tensor:
@@ -175,7 +176,8 @@ class _RingContrastive(torch.autograd.Function):
             dscale += one_direction(g_row, z1, b_blk, labels_row, lse_r, src, g1, gb_blk)
             if symmetric:
                 dscale += one_direction(g_col, z2, a_blk, labels_col, lse_c, src, g2, ga_blk)
-            travel = ring.finish(ring.start(travel))  # after the W-th shift each block is home
+            if world > 1:  # after the W-th shift each block is home (alone, it never left)
+                travel = ring.finish(ring.start(travel))
         g1 += travel[2]
         g2 += travel[3]
         need = ctx.needs_input_grad

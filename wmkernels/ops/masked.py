@@ -279,12 +279,11 @@ _masked_mse_loss = _eager.autograd_op(masked_mse_loss_op, _loss_setup, _loss_bac
 # ------------------------------------------------------------------------------------- public functions
 
 
-def _video_dims(video: torch.Tensor, tubelet, layout: str) -> tuple[int, tuple[int, int, int], int]:
-    """Validates a video; returns (channels, token grid, patch size P)."""
+def _video_dims(video: torch.Tensor, tubelet: tuple[int, int, int], layout: str) -> tuple[int, tuple[int, int, int], int]:
+    """Validates a video (`tubelet` already checked); returns (channels, token grid, patch size P)."""
     if not isinstance(video, torch.Tensor):
         raise TypeError(f"video: expected a torch.Tensor, got {type(video).__name__}")
     _validation.check_video_layout(layout)
-    _validation.check_tubelet(tubelet)
     if video.dim() != 5:
         raise ValueError(f"video: expected 5 dims ({layout}), got shape {tuple(video.shape)}")
     if not (video.is_floating_point() or video.dtype == torch.uint8):
@@ -302,7 +301,10 @@ def _channel_stats(video, channels: int, mean, std, acc: torch.dtype):
         if v is None:
             out.append(None)
             continue
-        t = torch.as_tensor(v, dtype=acc).detach()
+        try:
+            t = torch.as_tensor(v, dtype=acc).detach()
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name}: expected {channels} per-channel numbers (a sequence or tensor), got {v!r}") from e
         if _validation.values_ok(t):
             # a NaN or inf statistic would silently poison (or zero) every target of the batch
             if not t.isfinite().all():
@@ -326,7 +328,7 @@ def patchify(video: torch.Tensor, tubelet: Sequence[int] = (2, 16, 16), layout: 
     (channel innermost), as VideoMAE. Differentiable; one copy of the video (prefer
     `gather_patches` to read only some patches).
     """
-    tubelet = tuple(tubelet)
+    tubelet = _validation.check_tubelet(tubelet)
     _video_dims(video, tubelet, layout)
     return ref.patchify(video, tubelet, layout)
 
@@ -334,9 +336,8 @@ def patchify(video: torch.Tensor, tubelet: Sequence[int] = (2, 16, 16), layout: 
 def unpatchify(tokens: torch.Tensor, grid: Sequence[int], tubelet: Sequence[int] = (2, 16, 16),
                layout: str = "BCTHW") -> torch.Tensor:
     """The inverse of `patchify`: a video in `layout` from (B, T'*H'*W', P) tokens over the token `grid`."""
-    tubelet, grid = tuple(tubelet), tuple(grid)
+    tubelet, grid = _validation.check_tubelet(tubelet), tuple(grid)
     _validation.check_video_layout(layout)
-    _validation.check_tubelet(tubelet)
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
         raise ValueError(f"tokens: expected a (B, N, P) tensor, got {getattr(tokens, 'shape', type(tokens))}")
     if len(grid) != 3 or tokens.shape[1] != math.prod(grid):
@@ -366,13 +367,14 @@ def gather_patches(
     [0, 255] with ImageNet statistics pass them times 255). `dtype` is the output dtype (default:
     the video's, float32 for uint8). Gradients flow to a float video (summed for repeated ids).
     """
-    tubelet = tuple(tubelet)
+    tubelet = _validation.check_tubelet(tubelet)
     c, grid, _ = _video_dims(video, tubelet, layout)
     n = math.prod(grid)
     _validation.check_index_tensor("ids", ids, (video.shape[0], None), n)
     _validation.check_same_device(video=video, ids=ids)
     if dtype is None:
         dtype = video.dtype if video.is_floating_point() else torch.float32
+    _validation.check_dtype("dtype", dtype)
     if not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a floating-point dtype, got {dtype}")
     mean_t, std_t = _channel_stats(video, c, mean, std, ref.acc_dtype(dtype, video.dtype))
@@ -461,7 +463,7 @@ def masked_mse_loss(
     of (pred - target)^2, accumulated in fp32 (fp64 for fp64 inputs), in pred's dtype promoted
     with a float video's. Gradients flow to `pred` and to a float `video` that requires grad.
     """
-    tubelet = tuple(tubelet)
+    tubelet = _validation.check_tubelet(tubelet)
     _validation.check_float_tensor("pred", pred)
     c, grid, p = _video_dims(video, tubelet, layout)
     b, n = video.shape[0], math.prod(grid)
@@ -496,8 +498,9 @@ def masked_mse_loss(
     group = p // c if norm_mode == "videomae" else p
     if norm_pix and group < 2:
         raise ValueError(f"tubelet: norm_pix needs at least 2 values per normalized group, tubelet is {tubelet}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    # finiteness read on the host only: torch.compile traces eps as a symbolic float
+    if not _validation.is_real(eps) or eps < 0 or (not torch.compiler.is_compiling() and not math.isfinite(eps)):
+        raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
     _validation.check_same_device(pred=pred, video=video, index=index)
     acc = ref.acc_dtype(pred.dtype, video.dtype)
     mean_t, std_t = _channel_stats(video, c, mean, std, acc)
