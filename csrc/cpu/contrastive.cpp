@@ -209,11 +209,12 @@ void cols_update(const T* S, int64_t ti, int64_t tj, int64_t ld, int64_t i0, con
 }
 
 // Eight tensors in a fixed tuple, not a Tensor[]: torch.func.vmap's per-sample fallback handles the former only.
-using SweepStats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using SweepStats =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 SweepStats contrastive_sweep_fwd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
-                                                  const at::Tensor& labels_row, const at::Tensor& labels_col,
-                                                  bool symmetric, int64_t tile) {
+                                     const at::Tensor& labels_row, const at::Tensor& labels_col, bool symmetric,
+                                     int64_t tile) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) && a.is_contiguous() && b.is_contiguous() &&
                   a.scalar_type() == b.scalar_type(),
               "contrastive_sweep_fwd: expected contiguous (M, D), (N, D) rows of one dtype");

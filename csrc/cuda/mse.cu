@@ -94,8 +94,8 @@ int64_t mse_fwd_blocks(int64_t n) {
   return b < 1 ? 1 : (b > kMaxBlocks ? kMaxBlocks : b);
 }
 
-void mse_fwd_cuda(DType xd, DType yd, bool wide, const void* x, const void* y, const void* w, const Strided5& lay, int64_t n,
-                  void* partial, int64_t blocks, cudaStream_t stream) {
+void mse_fwd_cuda(DType xd, DType yd, bool wide, const void* x, const void* y, const void* w, const Strided5& lay,
+                  int64_t n, void* partial, int64_t blocks, cudaStream_t stream) {
   dispatch_xy(xd, yd, wide, [&](auto xv, auto yv, auto accv) {
     using x_t = decltype(xv);
     using y_t = decltype(yv);
@@ -112,8 +112,8 @@ void mse_fwd_cuda(DType xd, DType yd, bool wide, const void* x, const void* y, c
   });
 }
 
-void mse_bwd_cuda(DType xd, DType yd, bool wide, const void* x, const void* y, const void* w, const void* scale, void* gx,
-                  void* gy, const Strided5& lay, int64_t n, cudaStream_t stream) {
+void mse_bwd_cuda(DType xd, DType yd, bool wide, const void* x, const void* y, const void* w, const void* scale,
+                  void* gx, void* gy, const Strided5& lay, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
   const int64_t per_block = static_cast<int64_t>(kThreads) * kItems;
   int64_t blocks = (n + per_block - 1) / per_block;

@@ -102,8 +102,8 @@ std::tuple<at::Tensor, at::Tensor> mse_bwd_cuda_op(const at::Tensor& grad_out, c
   const Strided5 lay = layout5(x.sizes(), ops);
   if (need_x && !ops[3].is_same(gx)) gx = ops[3];  // reallocated contiguous by layout5
   if (need_y && !ops[4].is_same(gy)) gy = ops[4];
-  mse_bwd_cuda(to_dtype(x.scalar_type()), to_dtype(y.scalar_type()), acc == at::kDouble, ops[0].const_data_ptr(), ops[1].const_data_ptr(),
-               w.defined() ? ops[2].const_data_ptr() : nullptr, scale.const_data_ptr(),
+  mse_bwd_cuda(to_dtype(x.scalar_type()), to_dtype(y.scalar_type()), acc == at::kDouble, ops[0].const_data_ptr(),
+               ops[1].const_data_ptr(), w.defined() ? ops[2].const_data_ptr() : nullptr, scale.const_data_ptr(),
                need_x ? gx.mutable_data_ptr() : nullptr, need_y ? gy.mutable_data_ptr() : nullptr, lay, x.numel(),
                c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

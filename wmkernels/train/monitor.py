@@ -79,7 +79,7 @@ def _open_metrics(path: str, start_step: int):
     if start_step == 0 or not os.path.isfile(path):
         return open(path, "w")
     with open(path) as f:
-        kept = [line for line in f if _row_step(line) <= start_step]
+        kept = [line.rstrip("\n") + "\n" for line in f if _row_step(line) <= start_step]
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.writelines(kept)
