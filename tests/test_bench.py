@@ -170,12 +170,12 @@ def test_in_process_run_writes_partial_and_final_results(tmp_path, monkeypatch):
 def test_quick_benchmark_end_to_end(tmp_path):
     out = tmp_path / "res"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "wmkernels.bench", "--quick", "--op", "mse,nosuchop",
+    proc = subprocess.run([sys.executable, "-m", "wmkernels.bench", "--quick", "--op", "mse",
                            "--device", "cpu", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads((out / "results.json").read_text())
-    assert payload["skipped_ops"] == {"nosuchop": "wmkernels/bench/nosuchop.py not found"}
+    assert payload["skipped_ops"] == {}
     assert payload["roofline"]["copy_gbps"] > 0
     cases = [c for c in payload["cases"] if c["op"] == "mse"]
     assert cases and all(c["status"] == "ok" for c in cases)
@@ -263,6 +263,8 @@ def test_summary_reports_failed_kernels_and_the_binding_roofline():
     (["--rounds", "0"], "--rounds must be at least 1"),
     (["--jobs", "0"], "--jobs must be at least 1"),
     (["--only", "("], "is not a regular expression"),
+    (["--op", "mse,foo"], "--op: unknown op 'foo' (known: mse, masked, contrastive, train)"),  # once ran mse, exit 0
+    (["--op", ","], "--op: unknown op"),
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
     from wmkernels.bench.__main__ import parse_args
@@ -287,7 +289,10 @@ def test_a_run_that_selects_no_case_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(roofline, "measure", lambda device, quick: {"copy_gbps": 1.0, "matmul_tflops": {"float32": 1.0}})
     argv = ["--op", "mse", "--device", "cpu", "--quick", "--in-process", "--out", str(tmp_path)]
     assert cli.main(argv + ["--only", "no-such-case"]) == 1
-    assert cli.main(["--op", "no-such-op", *argv[2:]]) == 1
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exc:  # refused before any timing, not with a traceback after it
+        cli.main([*argv[:-1], str(tmp_path / "a-file" / "out")])
+    assert exc.value.code == 2
 
 
 def test_contrastive_contenders_return_gradients_in_the_input_dtype():

@@ -12,7 +12,6 @@ import argparse
 import concurrent.futures
 import datetime
 import importlib
-import importlib.util
 import json
 import os
 import platform
@@ -71,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("rounds", "jobs", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    unknown = [o for o in (o.strip() for o in args.op.split(",")) if o and o not in OPS]
+    if unknown or not args.op.strip(","):  # a typo must not pass for a clean run of the rest
+        p.error(f"--op: unknown op {', '.join(map(repr, unknown)) or repr(args.op)} (known: {', '.join(OPS)})")
     if args.only is not None:
         try:
             re.compile(args.only)
@@ -333,14 +335,16 @@ def run(args) -> Path:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     args.device = device
-    ops, skipped = [], {}
-    for op in (o.strip() for o in args.op.split(",") if o.strip()):
-        if importlib.util.find_spec(f"wmkernels.bench.{op}") is None:
-            skipped[op] = f"wmkernels/bench/{op}.py not found"
-            _say(f"skipping {op}: wmkernels/bench/{op}.py not found")
-        else:
-            ops.append(op)
+    ops, skipped = [o.strip() for o in args.op.split(",") if o.strip()], {}  # known ops (parse_args)
     out_dir = Path(args.out) if args.out else default_out(device, args.quick, args.threads)
+    try:  # before the timing: a run of many minutes must not end in an unwritable folder
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        _say(f"--out {str(out_dir)!r}: cannot write results there ({e.strerror or e})")
+        raise SystemExit(2) from e
     runs, cases = {}, []
     if device == "cpu" and not args.in_process:
         plan = _allocator_plan(args, ops)
