@@ -259,6 +259,20 @@ def test_summary_reports_failed_kernels_and_the_binding_roofline():
     assert "**unchecked**" in unchecked
 
 
+def test_results_over_a_roofline_are_explained():
+    """A cache-resident case beats the DRAM copy bandwidth (200% was reported bare): the header says why."""
+    def header(fraction):
+        res = {"op": "toy", "name": "tiny", "contenders": {"wmkernels-cpu": {"bw_fraction": fraction}}}
+        roof = {"copy_gbps": 10.0, "copy_bytes": 256 << 20, "matmul_tflops": {}}
+        payload = {"date": "today", "machine": {}, "config": {"rounds": 4}, "roofline": roof,
+                   "runs": {"caching": {"roofline": roof, "allocator_desc": "test"}}, "cases": [res]}
+        return "\n".join(report._machine_lines(payload))
+
+    assert "1 contender result(s) exceed 100% of a roofline" in header(2.0)
+    assert "larger than the caches (256 MiB)" in header(2.0)
+    assert "exceed" not in header(0.9)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--rounds", "0"], "--rounds must be at least 1"),
     (["--jobs", "0"], "--jobs must be at least 1"),
