@@ -61,7 +61,8 @@ def main(sizes):
                 grad_cand[str(c)] = round(ms, 3)
             total = timed(lambda: wmkernels.contrastive_loss(z1, z2, logit_scale=scale, backend="triton").backward())
             f = 2 * b * b * d
-            rows.append({"B": b, "D": d, "first_call_s": first, "fwd_ms": fwd * 1e3, "fwd_split_ms": split * 1e3, "bwd_ms": bwd * 1e3,
+            rows.append({"B": b, "D": d, "first_call_s": first, "fwd_ms": fwd * 1e3, "fwd_split_ms": split * 1e3,
+                         "bwd_ms": bwd * 1e3,
                          "fwd_bwd_ms": total * 1e3, "fwd_split_tflops_executed": 2 * f / split / 1e12,
                          "fwd_tflops_nominal": f / fwd / 1e12, "bwd_tflops_nominal": 2 * f / bwd / 1e12,
                          "nominal_tflops": 3 * f / total / 1e12, "fwd_ms_per_candidate": per_cand,

@@ -7,11 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import acc_dtype  # re-exported: ref.acc_dtype in the backends
+
 EPS = 1e-12  # F.normalize's eps: rows are divided by max(||z||, EPS)
-
-
-def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def prepare(z: torch.Tensor, normalize: bool, acc: torch.dtype) -> torch.Tensor:

@@ -10,12 +10,10 @@ import math
 import torch
 from einops import rearrange
 
+from . import acc_dtype  # re-exported: ref.acc_dtype in the backends
+
 _TOKENS = "b (t h w) (pt ph pw c)"
 _VIDEO = {"BCTHW": "b c (t pt) (h ph) (w pw)", "BTCHW": "b (t pt) c (h ph) (w pw)"}
-
-
-def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def channel_dim(layout: str) -> int:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from . import acc_dtype
+
 
 def mse_denominator(input: torch.Tensor, weight: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | float:
     """Sum of the weight broadcast to `input` (a tensor in `acc` precision), or the element count.
@@ -34,8 +36,7 @@ def mse_forward(input, target, weight, reduction: str, out_dtype: torch.dtype) -
 
 def mse_backward(grad_out, input, target, weight, reduction: str, need_input: bool, need_target: bool):
     """d loss / d input (and d target = its negative), in each tensor's own dtype."""
-    dtypes = (input.dtype, target.dtype) + ((weight.dtype,) if weight is not None else ())
-    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+    acc = acc_dtype(input, target, weight)
     # the coefficient first, the difference last: 2 (x - y) alone overflows fp32 for bf16 values
     # near 1e38 where 2 w (x - y) / sum(w) does not
     coef = grad_out.to(acc) * 2.0

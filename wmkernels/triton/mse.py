@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .._layout import padded_layout
+from ..reference import acc_dtype
 from ..reference.mse import mse_denominator
 from ._index import LAUNCH, offset, on_device, round_to, strided_offset
 
@@ -79,11 +80,6 @@ def _mse_bwd_kernel(
         tl.store(gy_ptr + gyo, round_to(-g, gy_ptr.dtype.element_ty), mask=mask)
 
 
-def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """fp64 when any operand is (an fp64 weight too: the result is fp64 by type promotion)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _tl_acc(acc: torch.dtype):
     return tl.float64 if acc == torch.float64 else tl.float32
 
@@ -112,7 +108,7 @@ def _is_contig(sizes, strides) -> bool:
 
 
 def mse_forward(input, target, weight, reduction: str, out_dtype: torch.dtype) -> torch.Tensor:
-    acc = _acc_dtype(input, target, weight)
+    acc = acc_dtype(input, target, weight)  # an fp64 weight too: the result is fp64 by promotion
     n = input.numel()
     w = weight if weight is not None else input
     (input, target, w), _, (sizes, strides) = _layout(input.shape, [input, target, w])
@@ -132,7 +128,7 @@ def mse_forward(input, target, weight, reduction: str, out_dtype: torch.dtype) -
 
 
 def mse_backward(grad_out, input, target, weight, reduction: str, need_input: bool, need_target: bool):
-    acc = _acc_dtype(input, target, weight)
+    acc = acc_dtype(input, target, weight)
     n = input.numel()
     denom = mse_denominator(input, weight, acc) if reduction == "mean" else 1.0
     # one tiny op on the host path when the count is a number (each costs a launch on a GPU)
